@@ -1,0 +1,208 @@
+"""params.yaml -> typed, frozen dataclasses, validated before any stage does work.
+
+Every key must be present in params.yaml (the single source of configuration: no defaults here that
+could drift from it). An unknown key, a missing key, a wrong type or an out-of-range value raises
+`ConfigError` naming the key; stage entry points turn it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the file and the key."""
+
+
+def _bounded(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
+             lt: float | None = None, pattern: str | None = None) -> Any:
+    """A required field with a range (numbers) or a regular expression (strings)."""
+    return field(metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "pattern": pattern})
+
+
+# Model names in the registry must be usable in a `models:/<name>@champion` URI.
+_MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the download and prepare stages read."""
+
+    dataset: Literal["digits"]
+    # Side of the square images the model sees, in pixels; null keeps the dataset's own size.
+    image_size: int | None = _bounded(ge=8, le=1024)
+    # 1 (grayscale) or 3 (RGB); null keeps the dataset's own channel count.
+    channels: Literal[1, 3] | None
+    raw_dir: str
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    val_fraction: float = _bounded(gt=0, lt=1)
+    test_fraction: float = _bounded(gt=0, lt=1)
+    seed: int
+    out_dir: str
+
+    def __post_init__(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError("prepare.val_fraction + prepare.test_fraction: must be < 1, got "
+                              f"{self.val_fraction + self.test_fraction:g}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: Literal["lenet"]
+    optimizer: Literal["sgd", "adam", "rmsprop"]
+    lr: float = _bounded(gt=0)
+    momentum: float = _bounded(ge=0, lt=1)
+    weight_decay: float = _bounded(ge=0)
+    epochs: int = _bounded(ge=1)
+    batch_size: int = _bounded(ge=1)
+    seed: int
+    device: str = _bounded(pattern=r"auto|cpu|cuda(:\d+)?|mps")
+    model_dir: str
+    metrics_dir: str
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = _bounded(ge=1)
+    metrics_dir: str
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    model_name: str = _bounded(pattern=_MODEL_NAME)
+    receipt: str
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment_name: str = _bounded(pattern=r"\S.*")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig
+    prepare: PrepareConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    register: RegisterConfig
+    mlflow: MlflowConfig
+
+
+def load_params(path: str | Path) -> Params:
+    """Read and validate a params file; raises ConfigError naming the offending key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such params file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return _build(Params, raw, prefix="")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def as_flat_dict(params: Params) -> dict[str, Any]:
+    """`{"train.lr": 0.01, ...}`: the resolved params, as MLflow logs them."""
+    flat: dict[str, Any] = {}
+    for section, values in dataclasses.asdict(params).items():
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    return flat
+
+
+def stage_params(argv: list[str] | None, description: str | None) -> Params:
+    """The `--params` command line every stage shares; a bad file exits with code 2."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        return load_params(args.params)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(f"{where}: expected a mapping of keys, got {_kind(raw)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known keys: {', '.join(fields)})")
+    missing = [name for name in fields if name not in raw]
+    if missing:
+        raise ConfigError(f"{prefix}{missing[0]}: missing key")
+    values = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, raw[name], prefix=f"{key}.")
+        else:
+            values[name] = _check(key, raw[name], hint, f.metadata)
+    return cls(**values)
+
+
+def _check(key: str, value: Any, hint: Any, limits: typing.Mapping[str, Any]) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return _check(key, value, hint, limits)
+    if origin is Literal:
+        if value not in args or isinstance(value, bool):
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}: must be one of {choices}, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {_kind(value)} {value!r}")
+        value = float(value)
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {_kind(value)} {value!r}")
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {_kind(value)} {value!r}")
+    elif hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_kind(value)} {value!r}")
+    else:  # pragma: no cover - a dataclass field with a type this loader does not know
+        raise TypeError(f"{key}: unsupported field type {hint!r}")
+    _check_limits(key, value, limits)
+    return value
+
+
+def _check_limits(key: str, value: Any, limits: typing.Mapping[str, Any]) -> None:
+    checks = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+    for name, symbol, ok in checks:
+        bound = limits.get(name)
+        if bound is not None and not ok(value, bound):
+            raise ConfigError(f"{key}: must be {symbol} {bound:g}, got {value!r}")
+    pattern = limits.get("pattern")
+    if pattern is not None and not re.fullmatch(pattern, value):
+        raise ConfigError(f"{key}: {value!r} does not match the pattern {pattern}")
+
+
+def _kind(value: Any) -> str:
+    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number",
+            str: "a string", list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)

@@ -1,0 +1,119 @@
+"""evaluate stage: the trained classifier on the held-out test split, scored with scikit-learn.
+
+    python -m imgclf.evaluate --params params.yaml
+
+Reads `train.model_dir` and `prepare.out_dir`/test_*; writes to `evaluate.metrics_dir`:
+  test.json        accuracy, recall_macro, precision_macro, f1_macro   (`dvc metrics show`)
+  per_class.json   recall and precision of every class
+  predictions.csv  index, actual, predicted, probability per test image (`dvc plots show`, confusion)
+  confusion.png    the confusion matrix
+and logs all of it to the MLflow run the train stage started.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from imgclf.config import Params, stage_params
+from imgclf.files import write_bytes, write_json
+from imgclf.models import load_checkpoint_dir, predict_proba, resolve_device
+
+
+@dataclass(frozen=True)
+class Report:
+    metrics: dict[str, float]                # the headline numbers
+    per_class: dict[str, dict[str, float]]  # class name -> {"recall": r, "precision": p}
+    confusion: np.ndarray                     # (classes, classes), rows = actual, columns = predicted
+
+
+def report(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> Report:
+    from sklearn import metrics
+
+    everything = list(range(len(classes)))
+    precision, recall, _, _ = metrics.precision_recall_fscore_support(
+        labels, predicted, labels=everything, average=None, zero_division=0)
+    headline = {
+        "accuracy": metrics.accuracy_score(labels, predicted),
+        "recall_macro": metrics.recall_score(labels, predicted, labels=everything, average="macro",
+                                             zero_division=0),
+        "precision_macro": metrics.precision_score(labels, predicted, labels=everything, average="macro",
+                                                   zero_division=0),
+        "f1_macro": metrics.f1_score(labels, predicted, labels=everything, average="macro", zero_division=0),
+    }
+    per_class = {name: {"recall": round(float(r), 6), "precision": round(float(p), 6)}
+                 for name, r, p in zip(classes, recall, precision)}
+    return Report({k: round(float(v), 6) for k, v in headline.items()}, per_class,
+                  metrics.confusion_matrix(labels, predicted, labels=everything))
+
+
+def predictions_csv(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["index", "actual", "predicted", "probability"])
+    for i, (label, row) in enumerate(zip(labels, probs)):
+        best = int(row.argmax())
+        writer.writerow([i, classes[label], classes[best], f"{row[best]:.6f}"])
+    return buffer.getvalue().encode()
+
+
+def confusion_png(confusion: np.ndarray, classes: list[str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    side = max(4.0, 0.5 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(side, side))
+    ConfusionMatrixDisplay(confusion, display_labels=classes).plot(ax=ax, colorbar=False,
+                                                                    xticks_rotation="vertical")
+    ax.set_title("Confusion matrix (test split)")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _metric_key(name: str) -> str:
+    # MLflow metric names allow letters, digits, '_', '-', '.', ' ' and '/'.
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    params: Params = stage_params(argv, __doc__)
+    prepared = Path(params.prepare.out_dir)
+    model, meta = load_checkpoint_dir(params.train.model_dir)
+    images = np.load(prepared / "test_images.npy", mmap_mode="r")
+    labels = np.load(prepared / "test_labels.npy")
+    device = resolve_device(params.train.device)
+    probs = predict_proba(model.to(device), images, params.evaluate.batch_size, device)
+    result = report(labels, probs.argmax(1), meta["classes"])
+
+    out = Path(params.evaluate.metrics_dir)
+    write_json(out / "test.json", result.metrics)
+    write_json(out / "per_class.json", result.per_class)
+    write_bytes(out / "predictions.csv", predictions_csv(labels, probs, meta["classes"]))
+    write_bytes(out / "confusion.png", confusion_png(result.confusion, meta["classes"]))
+
+    import mlflow
+
+    from imgclf.tracking import resume_pipeline_run
+
+    with resume_pipeline_run(params.mlflow.experiment_name, meta["mlflow_run_id"]):
+        mlflow.log_metrics({f"test_{k}": v for k, v in result.metrics.items()})
+        mlflow.log_metrics({f"test_{kind}_{_metric_key(name)}": values[kind]
+                            for name, values in result.per_class.items() for kind in ("recall", "precision")})
+        for name in ("test.json", "per_class.json", "predictions.csv", "confusion.png"):
+            mlflow.log_artifact(str(out / name), artifact_path="evaluation")
+    print("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Where MLflow records go, and the one MLflow run that train, evaluate and register share.
+
+The default store is `mlflow.db` (SQLite) at the repository root, with artifacts in `mlruns/` beside it.
+The root is `DVC_ROOT` when DVC runs the stage: experiments queued with `dvc exp run --queue` run in
+temporary copies under `.dvc/tmp/exps`, and must still land in the one store. `MLFLOW_TRACKING_URI`
+overrides the store. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+STORE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlruns"
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{project_root() / STORE_FILE}"
+
+
+def configure(experiment_name: str) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    # (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, so read it before.)
+    mlflow.set_tracking_uri(user_uri or default_tracking_uri())
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # Artifacts of the default store live beside it, whichever folder DVC runs the stage in.
+    location = None if user_uri else (project_root() / ARTIFACTS_DIR).as_uri()
+    try:
+        return client.create_experiment(experiment_name, artifact_location=location)
+    except MlflowException:
+        # Another process created it between the lookup and the create.
+        experiment = client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def git_state(cwd: str | Path | None = None) -> dict[str, str]:
+    """The commit the code came from and whether the tree had uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
+
+
+def start_pipeline_run(experiment_name: str):
+    """Start the run of this pipeline execution (train stage). Named after the DVC experiment when
+    there is one; `MLFLOW_RUN_ID` (set by `mlflow run`) makes the pipeline continue that run instead."""
+    import mlflow
+
+    experiment_id = configure(experiment_name)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
+    else:
+        run = mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"))
+    tags = git_state()
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+    mlflow.set_tags(tags)
+    return run
+
+
+def resume_pipeline_run(experiment_name: str, run_id: str):
+    """Continue the run the train stage started (evaluate and register log into it)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    configure(experiment_name)
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except MlflowException:
+        raise SystemExit(f"error: MLflow run {run_id} (recorded by the train stage) is not in the tracking "
+                         f"store {mlflow.get_tracking_uri()}: re-run the train stage against this store") from None
+    return mlflow.start_run(run_id=run_id)

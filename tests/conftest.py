@@ -1,0 +1,76 @@
+"""Shared fixtures: fresh copies of the project, and one copy whose pipeline has run.
+
+Integration tests never touch the checkout they run from: each works on a copy of the files git
+tracks (plus untracked, unignored ones), made into a new git repository, as a fresh clone would be.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Variables that would point the pipeline at another store, run or root than the copy's own.
+_LEAKY = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
+          "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_EXP_NAME")
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """The environment for commands run in a project copy: this venv's tools first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in _LEAKY}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str] | str, cwd: Path, check: bool = True, timeout: float = 900,
+        **env: str) -> subprocess.CompletedProcess:
+    """Run a command in `cwd`, capturing its output; on failure the assertion shows the output."""
+    proc = subprocess.run(cmd, cwd=cwd, env=project_env(**env), capture_output=True, text=True,
+                          timeout=timeout, shell=isinstance(cmd, str), stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n"
+                             f"--- stderr\n{proc.stderr}")
+    return proc
+
+
+def project_files() -> list[str]:
+    """The files a fresh clone would have (plus untracked, unignored ones under development)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    return sorted({f for f in out.split("\0") if f and (REPO / f).is_file()})
+
+
+def fresh_copy(dest: Path) -> Path:
+    """A new git repository at `dest` holding the project's files, committed."""
+    for name in project_files():
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+    git = ["git", "-c", "init.defaultBranch=main"]
+    run([*git, "init", "-q"], dest)
+    run(["git", "config", "user.name", "Pipeline Tests"], dest)
+    run(["git", "config", "user.email", "tests@example.invalid"], dest)
+    run(["git", "add", "-A"], dest)
+    run(["git", "commit", "-q", "-m", "fresh copy"], dest)
+    return dest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A fresh copy on which `dvc repro` has run once, with the default params. Read-only for tests."""
+    root = fresh_copy(tmp_path_factory.mktemp("built") / "project")
+    return root, run(["dvc", "repro"], root)

@@ -1,0 +1,76 @@
+"""params.yaml validation: every problem names its key, and stages stop with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, project_env
+from imgclf.config import ConfigError, Params, as_flat_dict, load_params
+
+
+def write_params(tmp_path, edit) -> str:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    edit(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return str(path)
+
+
+def test_the_shipped_params_load():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.data.dataset == "digits"
+    assert as_flat_dict(params)["train.lr"] == params.train.lr
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["train"].update(lrr=0.1), "train.lrr: unknown key"),
+    (lambda p: p.update(trian={}), "trian: unknown key"),
+    (lambda p: p["train"].pop("epochs"), "train.epochs: missing key"),
+    (lambda p: p.pop("register"), "register: missing key"),
+    (lambda p: p["train"].update(lr="fast"), "train.lr: expected a number"),
+    (lambda p: p["train"].update(epochs=2.5), "train.epochs: expected an integer"),
+    (lambda p: p["train"].update(epochs=True), "train.epochs: expected an integer"),
+    (lambda p: p["train"].update(lr=-0.1), "train.lr: must be > 0"),
+    (lambda p: p["train"].update(momentum=1.0), "train.momentum: must be < 1"),
+    (lambda p: p["train"].update(batch_size=0), "train.batch_size: must be >= 1"),
+    (lambda p: p["train"].update(optimizer="lbfgs"), "train.optimizer: must be one of"),
+    (lambda p: p["train"].update(device="tpu"), "train.device: 'tpu' does not match"),
+    (lambda p: p["data"].update(dataset="mnist"), "data.dataset: must be one of"),
+    (lambda p: p["data"].update(channels=2), "data.channels: must be one of"),
+    (lambda p: p["data"].update(image_size=4), "data.image_size: must be >= 8"),
+    (lambda p: p["prepare"].update(val_fraction=0.5, test_fraction=0.5),
+     "prepare.val_fraction + prepare.test_fraction: must be < 1"),
+    (lambda p: p["register"].update(model_name="bad name/with@"), "register.model_name"),
+    (lambda p: p.update(train=[1, 2]), "train: expected a mapping"),
+])
+def test_bad_params_name_the_key(tmp_path, edit, message):
+    path = write_params(tmp_path, edit)
+    with pytest.raises(ConfigError) as error:
+        load_params(path)
+    assert message in str(error.value)
+    assert path in str(error.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such params file"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
+
+
+@pytest.mark.parametrize("stage", ["download", "prepare", "train", "evaluate", "register"])
+def test_every_stage_exits_2_before_any_work(tmp_path, stage):
+    path = write_params(tmp_path, lambda p: p["train"].update(lr=0))
+    before = sorted(tmp_path.rglob("*"))
+    proc = subprocess.run([sys.executable, "-m", f"imgclf.{stage}", "--params", path], cwd=tmp_path,
+                          env=project_env(), capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "train.lr: must be > 0" in proc.stderr
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written: no data, no mlflow.db

@@ -1,0 +1,119 @@
+"""`dvc repro` on a fresh copy of the project: every stage runs, results land in DVC and MLflow.
+
+These tests share one built project (see conftest.built_project) and only read it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import free_port, run
+
+pytestmark = pytest.mark.integration
+
+STAGES = ("download", "prepare", "train", "evaluate", "register")
+
+
+def client_for(root):
+    return mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+
+
+def test_first_repro_runs_every_stage(built_project):
+    root, proc = built_project
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in proc.stdout
+    for path in ("data/raw/digits.npz", "data/prepared/train_images.npy", "models/model.safetensors",
+                 "models/model.json", "metrics/test.json", "metrics/predictions.csv", "metrics/confusion.png",
+                 "models/registration.json", "dvc.lock"):
+        assert (root / path).is_file(), path
+
+
+def test_second_repro_runs_nothing(built_project):
+    root, _ = built_project
+    proc = run(["dvc", "repro"], root)
+    assert "Running stage" not in proc.stdout
+    assert "Data and pipelines are up to date." in proc.stdout
+
+
+def test_default_pipeline_reaches_95_percent(built_project):
+    root, _ = built_project
+    metrics = json.loads((root / "metrics/test.json").read_text())
+    assert set(metrics) == {"accuracy", "recall_macro", "precision_macro", "f1_macro"}
+    assert metrics["accuracy"] >= 0.95, metrics
+
+
+def test_dvc_metrics_and_plots_show(built_project):
+    root, _ = built_project
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], root).stdout)
+    (workspace,) = shown.values()
+    test_metrics = workspace["data"]["metrics/test.json"]["data"]
+    assert test_metrics == json.loads((root / "metrics/test.json").read_text())
+    run(["dvc", "plots", "show"], root)
+    html = (root / "dvc_plots/index.html").read_text()
+    assert "Confusion matrix (test split)" in html and "Learning curves" in html
+
+
+def test_one_mlflow_run_holds_train_evaluate_register(built_project):
+    root, _ = built_project
+    client = client_for(root)
+    experiment = client.get_experiment_by_name("image-classifier")
+    assert experiment is not None
+    (run_info,) = client.search_runs([experiment.experiment_id])
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    # every param, per-epoch history, test metrics, artifacts, the code version
+    assert run_info.data.params["train.lr"] == str(params["train"]["lr"])
+    assert run_info.data.params["data.dataset"] == "digits"
+    history = client.get_metric_history(run_info.info.run_id, "val_accuracy")
+    assert [m.step for m in history] == list(range(1, params["train"]["epochs"] + 1))
+    for key in ("train_loss", "train_accuracy", "val_loss", "test_accuracy", "test_recall_macro",
+                "test_precision_macro", "test_f1_macro", "test_recall_0", "test_precision_9"):
+        assert key in run_info.data.metrics, key
+    head = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
+    assert run_info.data.tags["mlflow.source.git.commit"] == head
+    artifacts = {a.path for a in client.list_artifacts(run_info.info.run_id, "evaluation")}
+    assert {"evaluation/confusion.png", "evaluation/test.json", "evaluation/predictions.csv"} <= artifacts
+    # the registered model: version 1, champion, linked to the run
+    receipt = json.loads((root / "models/registration.json").read_text())
+    assert receipt["version"] == "1" and receipt["champion"] is True
+    champion = client.get_model_version_by_alias("digits-lenet", "champion")
+    assert champion.version == 1 and champion.run_id == run_info.info.run_id
+
+
+def test_artifacts_live_beside_the_store(built_project):
+    root, _ = built_project
+    experiment = client_for(root).get_experiment_by_name("image-classifier")
+    assert experiment.artifact_location == (root / "mlruns").resolve().as_uri()
+
+
+def test_mlflow_ui_shows_the_experiment(built_project):
+    """README: `mlflow ui` from the repository root finds the pipeline's store with no flags."""
+    import subprocess
+
+    from conftest import project_env
+
+    root, _ = built_project
+    port = free_port()
+    server = subprocess.Popen(["mlflow", "ui", "--port", str(port)], cwd=root, env=project_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=image-classifier"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    body = json.loads(response.read())
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        assert body["experiment"]["name"] == "image-classifier"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
