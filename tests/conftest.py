@@ -7,6 +7,7 @@ tracks (plus untracked, unignored ones), made into a new git repository, as a fr
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -61,6 +62,14 @@ def fresh_copy(dest: Path) -> Path:
     run(["git", "add", "-A"], dest)
     run(["git", "commit", "-q", "-m", "fresh copy"], dest)
     return dest
+
+
+def readme_command(prefix: str) -> str:
+    """The README's command line starting with `prefix` (continuation lines joined)."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith(prefix)]
+    assert lines, f"README shows no command starting with {prefix!r}"
+    return re.sub(r"\s+", " ", lines[0].split("  #")[0])
 
 
 def free_port() -> int:

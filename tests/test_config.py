@@ -25,6 +25,14 @@ def test_the_shipped_params_load():
     assert isinstance(params, Params)
     assert params.data.dataset == "digits"
     assert as_flat_dict(params)["train.lr"] == params.train.lr
+    assert params.data.name == "digits"
+
+
+@pytest.mark.parametrize("path, name", [("../data/cifar10-jpg.tar.gz", "cifar10-jpg"), ("photos/", "photos"),
+                                        ("/x/Pets.ZIP", "Pets"), ("a/b.tgz", "b")])
+def test_image_folder_data_is_named_after_its_file(tmp_path, path, name):
+    params_path = write_params(tmp_path, lambda p: p["data"].update(dataset="imagefolder", path=path))
+    assert load_params(params_path).data.name == name
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -43,8 +51,14 @@ def test_the_shipped_params_load():
     (lambda p: p["data"].update(dataset="mnist"), "data.dataset: must be one of"),
     (lambda p: p["data"].update(channels=2), "data.channels: must be one of"),
     (lambda p: p["data"].update(image_size=4), "data.image_size: must be >= 8"),
-    (lambda p: p["prepare"].update(val_fraction=0.5, test_fraction=0.5),
-     "prepare.val_fraction + prepare.test_fraction: must be < 1"),
+    (lambda p: p["prepare"].update(val_fraction=1.0), "prepare.val_fraction: must be < 1"),
+    (lambda p: p["prepare"].update(workers=-1), "prepare.workers: must be >= 0"),
+    (lambda p: p["data"].update(dataset="imagefolder", path=None), "data.path: required"),
+    (lambda p: p["data"].update(dataset="imagefolder", path="x.tar", image_size=None),
+     "data.image_size: required"),
+    (lambda p: p["data"].update(on_bad_image="ignore"), "data.on_bad_image: must be one of"),
+    (lambda p: p["data"].update(max_pixels=0), "data.max_pixels: must be >= 1"),
+    (lambda p: p["data"].update(cifar100_labels="medium"), "data.cifar100_labels: must be one of"),
     (lambda p: p["register"].update(model_name="bad name/with@"), "register.model_name"),
     (lambda p: p.update(train=[1, 2]), "train: expected a mapping"),
 ])

@@ -74,6 +74,12 @@ def test_one_mlflow_run_holds_train_evaluate_register(built_project):
     for key in ("train_loss", "train_accuracy", "val_loss", "test_accuracy", "test_recall_macro",
                 "test_precision_macro", "test_f1_macro", "test_recall_0", "test_precision_9"):
         assert key in run_info.data.metrics, key
+    # the data version: the DVC hash of the raw data, as a tag and as the dataset input's digest
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    raw_md5 = lock["stages"]["download"]["outs"][0]["md5"]
+    assert run_info.data.tags["dvc.raw.md5"] == raw_md5
+    assert run_info.data.tags["dvc.prepared.md5"] == lock["stages"]["prepare"]["outs"][0]["md5"]
+    assert [i.dataset.digest for i in run_info.inputs.dataset_inputs] == [raw_md5]
     head = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
     assert run_info.data.tags["mlflow.source.git.commit"] == head
     artifacts = {a.path for a in client.list_artifacts(run_info.info.run_id, "evaluation")}

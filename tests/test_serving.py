@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import csv
 import json
-import re
 import subprocess
 import time
 import urllib.error
@@ -14,18 +13,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port, project_env, run
+from conftest import free_port, project_env, readme_command, run
 from imgclf.images import encode_png
 
 pytestmark = pytest.mark.integration
-
-
-def readme_command(prefix: str) -> str:
-    """The README's command line starting with `prefix` (continuation lines joined)."""
-    text = (REPO / "README.md").read_text().replace("\\\n", " ")
-    lines = [line.strip() for line in text.splitlines() if line.strip().startswith(prefix)]
-    assert lines, f"README shows no command starting with {prefix!r}"
-    return re.sub(r"\s+", " ", lines[0].split("  #")[0])
 
 
 @pytest.fixture(scope="module")

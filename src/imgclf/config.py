@@ -38,25 +38,48 @@ _MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
 class DataConfig:
     """What the download and prepare stages read."""
 
-    dataset: Literal["digits"]
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder"]
+    # imagefolder: a folder or a .tar/.tar.gz/.zip archive holding train/<class>/<image>.
+    path: str | None
+    # cifar10/cifar100: an already downloaded official archive, used instead of the network.
+    archive: str | None
+    cifar100_labels: Literal["fine", "coarse"]
     # Side of the square images the model sees, in pixels; null keeps the dataset's own size.
     image_size: int | None = _bounded(ge=8, le=1024)
     # 1 (grayscale) or 3 (RGB); null keeps the dataset's own channel count.
     channels: Literal[1, 3] | None
+    # What prepare does with a corrupt, truncated, oversized or non-image file: fail or skip it.
+    on_bad_image: Literal["fail", "skip"]
+    # Largest image accepted, in pixels (width x height, read from the file header).
+    max_pixels: int = _bounded(ge=1)
     raw_dir: str
+
+    @property
+    def name(self) -> str:
+        """A short name for the data: the dataset, or the image folder's name without its suffix."""
+        if self.dataset != "imagefolder":
+            return self.dataset
+        name = Path(self.path.rstrip("/")).name
+        return re.sub(r"(\.tar(\.gz|\.bz2|\.xz)?|\.tgz|\.zip)$", "", name, flags=re.IGNORECASE) or "images"
+
+    def __post_init__(self) -> None:
+        if self.dataset == "imagefolder":
+            if self.path is None:
+                raise ConfigError("data.path: required when data.dataset is imagefolder")
+            if self.image_size is None:
+                raise ConfigError("data.image_size: required when data.dataset is imagefolder "
+                                  "(image folders hold images of any size)")
 
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    val_fraction: float = _bounded(gt=0, lt=1)
+    # Share of the images carved out for test when the dataset has no held-out test split.
     test_fraction: float = _bounded(gt=0, lt=1)
+    # Share of the remaining training images held out for validation (unless a val folder exists).
+    val_fraction: float = _bounded(gt=0, lt=1)
     seed: int
+    workers: int = _bounded(ge=0)  # image-decoding processes; 0 = one per CPU core
     out_dir: str
-
-    def __post_init__(self) -> None:
-        if self.val_fraction + self.test_fraction >= 1:
-            raise ConfigError("prepare.val_fraction + prepare.test_fraction: must be < 1, got "
-                              f"{self.val_fraction + self.test_fraction:g}")
 
 
 @dataclass(frozen=True)

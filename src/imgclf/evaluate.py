@@ -3,7 +3,8 @@
     python -m imgclf.evaluate --params params.yaml
 
 Reads `train.model_dir` and `prepare.out_dir`/test_*; writes to `evaluate.metrics_dir`:
-  test.json        accuracy, recall_macro, precision_macro, f1_macro   (`dvc metrics show`)
+  test.json        accuracy, recall_macro, precision_macro, f1_macro, and top5_accuracy when
+                   there are more than 10 classes (`dvc metrics show`)
   per_class.json   recall and precision of every class
   predictions.csv  index, actual, predicted, probability per test image (`dvc plots show`, confusion)
   confusion.png    the confusion matrix
@@ -32,10 +33,12 @@ class Report:
     confusion: np.ndarray                     # (classes, classes), rows = actual, columns = predicted
 
 
-def report(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> Report:
+def report(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> Report:
+    """Scores from class probabilities (N, classes); top-5 accuracy joins when there are over 10 classes."""
     from sklearn import metrics
 
     everything = list(range(len(classes)))
+    predicted = probs.argmax(1)
     precision, recall, _, _ = metrics.precision_recall_fscore_support(
         labels, predicted, labels=everything, average=None, zero_division=0)
     headline = {
@@ -46,6 +49,8 @@ def report(labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> Rep
                                                    zero_division=0),
         "f1_macro": metrics.f1_score(labels, predicted, labels=everything, average="macro", zero_division=0),
     }
+    if len(classes) > 10:
+        headline["top5_accuracy"] = metrics.top_k_accuracy_score(labels, probs, k=5, labels=everything)
     per_class = {name: {"recall": round(float(r), 6), "precision": round(float(p), 6)}
                  for name, r, p in zip(classes, recall, precision)}
     return Report({k: round(float(v), 6) for k, v in headline.items()}, per_class,
@@ -94,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = np.load(prepared / "test_labels.npy")
     device = resolve_device(params.train.device)
     probs = predict_proba(model.to(device), images, params.evaluate.batch_size, device)
-    result = report(labels, probs.argmax(1), meta["classes"])
+    result = report(labels, probs, meta["classes"])
 
     out = Path(params.evaluate.metrics_dir)
     write_json(out / "test.json", result.metrics)

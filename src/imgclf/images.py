@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -24,15 +25,30 @@ def to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
     return array.reshape(size, size, channels)
 
 
-def decode(data: bytes, size: int, channels: int) -> np.ndarray:
-    """Encoded image file bytes (PNG, JPEG, anything Pillow reads) -> uint8 (size, size, channels)."""
+def decode(data: bytes, size: int, channels: int, max_pixels: int | None = None) -> np.ndarray:
+    """Encoded image file bytes (PNG, JPEG, anything Pillow reads) -> uint8 (size, size, channels).
+
+    `max_pixels` is checked against the size in the file's header, before any pixel is decoded, so a
+    decompression bomb (a small file that expands to a huge image) is refused without allocating it."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():
+            # Pillow warns of large images when it opens them; the limit below is what decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        with image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageError(f"{width}x{height} is {width * height:,} pixels, over the limit of "
+                                 f"{max_pixels:,}")
             image.load()
             return to_array(image, size, channels)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:  # Pillow's own backstop, checked when it opens the file
+        raise ImageError(f"too many pixels, over the limit: {exc}") from None
     except UnidentifiedImageError:
         raise ImageError(f"not an image file Pillow can read ({len(data)} bytes)") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"cannot decode the image: {exc}") from None
 
 

@@ -14,6 +14,8 @@ champion's (the first version always becomes champion).
 from __future__ import annotations
 
 import json
+import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,6 +68,31 @@ def champion_accuracy(client, name: str) -> tuple[str | None, float | None]:
     return str(current.version), metrics.get("val_accuracy")
 
 
+def log_model(model_dir: Path, example: np.ndarray):
+    """Log the checkpoint as a "models from code" pyfunc with the package source beside it."""
+    import mlflow
+
+    with warnings.catch_warnings():
+        # The output type hint (a list of dicts of mixed values) has no stricter MLflow schema.
+        warnings.filterwarnings("ignore", message=".*Any type hint is inferred as AnyType")
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(PACKAGE_DIR / "model_code.py"),
+            artifacts={"weights": str(model_dir / WEIGHTS_FILE), "meta": str(model_dir / META_FILE)},
+            code_paths=[str(PACKAGE_DIR)],
+            input_example=[encode_png(image) for image in example],
+            pip_requirements=pip_requirements(),
+        )
+
+
+def model_name(params: Params) -> str:
+    """`register.model_name`, where `auto` means <data>-<model> (digits-lenet, cifar10-jpg-lenet):
+    models trained on different data must not compete for one champion alias."""
+    if params.register.model_name != "auto":
+        return params.register.model_name
+    return re.sub(r"[^A-Za-z0-9_.\-]", "-", f"{params.data.name}-{params.train.model}")
+
+
 def main(argv: list[str] | None = None) -> None:
     params: Params = stage_params(argv, __doc__)
     model_dir = Path(params.train.model_dir)
@@ -77,16 +104,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from imgclf.tracking import resume_pipeline_run
 
-    name = params.register.model_name
+    name = model_name(params)
     with resume_pipeline_run(params.mlflow.experiment_name, meta["mlflow_run_id"]) as run:
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(PACKAGE_DIR / "model_code.py"),
-            artifacts={"weights": str(model_dir / WEIGHTS_FILE), "meta": str(model_dir / META_FILE)},
-            code_paths=[str(PACKAGE_DIR)],
-            input_example=[encode_png(image) for image in example],
-            pip_requirements=pip_requirements(),
-        )
+        info = log_model(model_dir, example)
         client = mlflow.MlflowClient()
         previous, previous_accuracy = champion_accuracy(client, name)
         version = mlflow.register_model(info.model_uri, name,

@@ -90,3 +90,43 @@ def resume_pipeline_run(experiment_name: str, run_id: str):
         raise SystemExit(f"error: MLflow run {run_id} (recorded by the train stage) is not in the tracking "
                          f"store {mlflow.get_tracking_uri()}: re-run the train stage against this store") from None
     return mlflow.start_run(run_id=run_id)
+
+
+def dvc_outputs(lock_file: str | Path = "dvc.lock") -> dict[str, dict]:
+    """Every stage output recorded in dvc.lock: path -> {"md5", "size", "nfiles"?}."""
+    import yaml
+
+    try:
+        lock = yaml.safe_load(Path(lock_file).read_text()) or {}
+    except FileNotFoundError:
+        return {}
+    return {out["path"]: out for stage in lock.get("stages", {}).values() for out in stage.get("outs", [])}
+
+
+def _matches(path: Path, entry: dict) -> bool:
+    """Cheap check that a dvc.lock entry describes what is on disk (same size and file count)."""
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path] if path.exists() else []
+    if entry.get("nfiles") is not None and entry["nfiles"] != len(files):
+        return False
+    return entry.get("size") is None or entry["size"] == sum(p.stat().st_size for p in files)
+
+
+def log_data_lineage(name: str, raw_dir: str, prepared_dir: str) -> dict[str, str]:
+    """Record which data version the run saw: the DVC hashes of the raw and prepared data (from
+    dvc.lock, which `dvc repro` updates after each stage) as tags, and the raw data as an MLflow
+    dataset input whose digest is its DVC hash. Returns the tags."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    outputs = dvc_outputs()
+    tags = {}
+    for key, path in (("raw", raw_dir), ("prepared", prepared_dir)):
+        entry = outputs.get(Path(path).as_posix())
+        if entry and _matches(Path(path), entry):
+            tags[f"dvc.{key}.md5"] = entry["md5"]
+    tags["dvc.data_version_known"] = str("dvc.raw.md5" in tags).lower()
+    mlflow.set_tags(tags)
+    source = resolve_dataset_source(Path(raw_dir).resolve().as_uri())
+    mlflow.log_input(MetaDataset(source=source, name=name, digest=tags.get("dvc.raw.md5")), context="training")
+    return tags

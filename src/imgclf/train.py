@@ -138,10 +138,12 @@ def main(argv: list[str] | None = None) -> None:
 
     import mlflow
 
-    from imgclf.tracking import start_pipeline_run
+    from imgclf.tracking import log_data_lineage, start_pipeline_run
 
     with start_pipeline_run(params.mlflow.experiment_name) as run:
         mlflow.log_params(as_flat_dict(params))
+        log_data_lineage(params.data.name, params.data.raw_dir, params.prepare.out_dir)
+        mlflow.log_artifact(str(prepared / "report.json"), artifact_path="data")
         mlflow.log_params({"device_used": str(device), "num_parameters": sum(p.numel() for p in model.parameters())})
         history = fit(model, train, val, cfg, device,
                       on_epoch=lambda epoch, metrics: mlflow.log_metrics(metrics, step=epoch))

@@ -1,0 +1,260 @@
+"""Image folders: `train/<class>/<image>` plus an optional held-out split, in a folder or an archive.
+
+The download stage turns the user's `data.path` into one archive under `data.raw_dir` (a folder is
+packed into an uncompressed, reproducible tar; an archive is copied), so DVC versions one file rather
+than thousands. The prepare stage lists the archive, then streams it once: each image's bytes go to a
+pool of worker processes that decode and resize them, and the results are written straight into
+memory-mapped arrays, so memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+import zipfile
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Callable, Iterator
+
+import numpy as np
+
+from imgclf.datasets import DataError
+from imgclf.images import ImageError, decode
+
+TRAIN = "train"
+HELD_OUT = ("test", "val", "valid", "validation")  # the first present is the held-out test split
+VAL_NAMES = HELD_OUT[1:]
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
+PACKED_NAME = "images"
+
+
+# ---- download: one archive under data.raw_dir -------------------------------------------------
+
+def archive_suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    return next((s for s in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
+
+
+def stage_source(path: str | None, dest_dir: Path) -> Path:
+    """Copy an archive, or pack a folder, from `data.path` into `dest_dir`."""
+    if path is None:
+        raise DataError("data.path: required for data.dataset imagefolder (a folder or an archive "
+                        "holding train/<class>/<image>)")
+    source = Path(path)
+    if source.is_dir():
+        dest = dest_dir / f"{PACKED_NAME}.tar"
+        pack_folder(source, dest)
+        return dest
+    if not source.is_file():
+        raise DataError(f"data.path: no such file or folder: {source}")
+    suffix = archive_suffix(source)
+    if suffix is None:
+        raise DataError(f"data.path: {source} is neither a folder nor a {', '.join(ARCHIVE_SUFFIXES)} archive")
+    dest = dest_dir / f"{PACKED_NAME}{suffix}"
+    shutil.copyfile(source, dest)
+    return dest
+
+
+def pack_folder(source: Path, dest: Path) -> None:
+    """A tar of `source` that depends on its contents only: sorted names, no owners, no times."""
+    def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        info.mtime = 0
+        info.mode = 0o755 if info.isdir() else 0o644
+        return info
+
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(source.rglob("*")):
+            if path.is_symlink() or not (path.is_file() or path.is_dir()):
+                continue
+            tar.add(path, arcname=path.relative_to(source).as_posix(), recursive=False, filter=clean)
+
+
+def find_archive(raw_dir: Path) -> Path:
+    found = [p for p in sorted(raw_dir.iterdir()) if p.name.startswith(PACKED_NAME) and archive_suffix(p)]
+    if len(found) != 1:
+        raise DataError(f"{raw_dir}: expected one {PACKED_NAME}.* archive from the download stage, "
+                        f"found {len(found)}: re-run it (dvc repro -f download)")
+    return found[0]
+
+
+# ---- reading an archive -----------------------------------------------------------------------
+
+class Archive:
+    """Uniform access to a tar or zip archive: names of files and folders, and a single pass over
+    the bytes of chosen files (in archive order, which is fast for compressed tars)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.is_zip = archive_suffix(path) == ".zip"
+
+    def listing(self) -> tuple[list[str], list[str]]:
+        """(files, folders); links and special files are left out."""
+        try:
+            if self.is_zip:
+                with zipfile.ZipFile(self.path) as z:
+                    infos = z.infolist()
+                return ([i.filename for i in infos if not i.is_dir()],
+                        [i.filename.rstrip("/") for i in infos if i.is_dir()])
+            with tarfile.open(self.path, "r:*") as tar:
+                members = tar.getmembers()
+            return [m.name for m in members if m.isfile()], [m.name for m in members if m.isdir()]
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+            raise DataError(f"{self.path}: not a readable archive ({exc})") from None
+
+    def read(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
+        try:
+            if self.is_zip:
+                with zipfile.ZipFile(self.path) as z:
+                    for name in z.namelist():
+                        if name in wanted:
+                            yield name, z.read(name)
+                return
+            with tarfile.open(self.path, "r|*") as tar:  # stream mode: one sequential pass
+                for member in tar:
+                    if member.isfile() and member.name in wanted:
+                        yield member.name, tar.extractfile(member).read()
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+            raise DataError(f"{self.path}: the archive is truncated or corrupt ({exc})") from None
+
+
+# ---- listing: which file goes to which split and class ----------------------------------------
+
+@dataclass(frozen=True)
+class Entry:
+    name: str   # path inside the archive
+    split: str  # "train", "test" or "val" (the held-out folders mapped to these)
+    label: str  # class name
+
+
+@dataclass
+class Listing:
+    classes: list[str]
+    entries: list[Entry]
+    has_test: bool
+    has_val: bool
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (file or folder, what is wrong)
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _hidden(parts: tuple[str, ...]) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
+
+
+def list_entries(files: list[str], folders: list[str]) -> Listing:
+    """Map archive paths to (split, class); collect what cannot be used."""
+    paths = [PurePosixPath(f) for f in sorted(set(files)) if not _hidden(PurePosixPath(f).parts)]
+    dirs = [PurePosixPath(d) for d in folders if not _hidden(PurePosixPath(d).parts)]
+    # An archive often wraps everything in one top folder (cifar10-jpg/train/...): look inside it.
+    tops = {p.parts[0] for p in paths if len(p.parts) > 1}
+    if len(tops) == 1 and not any(len(p.parts) == 1 for p in paths) and tops != {TRAIN} and \
+            not tops & set(HELD_OUT):
+        (top,) = tops
+        paths = [PurePosixPath(*p.parts[1:]) for p in paths]
+        dirs = [PurePosixPath(*d.parts[1:]) for d in dirs if len(d.parts) > 1]
+        strip = top + "/"
+    else:
+        strip = ""
+    present = {p.parts[0] for p in paths + dirs if p.parts}
+    if TRAIN not in present:
+        raise DataError(f"no {TRAIN}/ folder in the image folder: expected {TRAIN}/<class>/<image> "
+                        f"(found top-level: {', '.join(sorted(present)) or 'nothing'})")
+    test_name = next((n for n in HELD_OUT if n in present), None)
+    val_name = next((n for n in VAL_NAMES if n in present), None) if test_name == "test" else None
+    role = {TRAIN: "train", **({test_name: "test"} if test_name else {}), **({val_name: "val"} if val_name else {})}
+
+    class_dirs = {d.parts[1] for d in dirs if len(d.parts) >= 2 and d.parts[0] == TRAIN}
+    listing = Listing(classes=[], entries=[], has_test=test_name is not None, has_val=val_name is not None)
+    by_class: dict[str, int] = {}
+    for p in paths:
+        name = strip + p.as_posix()
+        if p.parts[0] not in role:
+            listing.ignored.append((name, f"not under {TRAIN}/ or a held-out split folder"))
+        elif len(p.parts) < 3:
+            listing.ignored.append((name, "not inside a class folder"))
+        else:
+            if p.parts[0] == TRAIN:
+                by_class[p.parts[1]] = by_class.get(p.parts[1], 0) + 1
+            listing.entries.append(Entry(name, role[p.parts[0]], p.parts[1]))
+    for empty in sorted(class_dirs - set(by_class)):
+        listing.problems.append((f"{strip}{TRAIN}/{empty}/", "empty class folder"))
+    listing.classes = sorted(by_class)
+    known = set(listing.classes)
+    kept = []
+    for entry in listing.entries:
+        if entry.label in known:
+            kept.append(entry)
+        else:
+            listing.problems.append((entry.name, f"class {entry.label!r} is not in {TRAIN}/"))
+    listing.entries = kept
+    return listing
+
+
+# ---- decoding in parallel into memory-mapped arrays -------------------------------------------
+
+def _decode_chunk(chunk: list[tuple[str, int, str, bytes]], size: int, channels: int, max_pixels: int
+                  ) -> tuple[list[tuple[str, int]], np.ndarray, list[tuple[str, str]]]:
+    """Worker: decode a chunk of (split, row, name, bytes); returns the rows done, their pixels
+    stacked, and (name, error) for the files that failed."""
+    rows, arrays, errors = [], [], []
+    for split, row, name, data in chunk:
+        try:
+            arrays.append(decode(data, size, channels, max_pixels))
+            rows.append((split, row))
+        except ImageError as exc:
+            errors.append((name, str(exc)))
+    stacked = np.stack(arrays) if arrays else np.zeros((0, size, size, channels), np.uint8)
+    return rows, stacked, errors
+
+
+def decode_into(archive: Archive, plan: dict[str, tuple[str, int]], arrays: dict[str, np.ndarray],
+                size: int, channels: int, max_pixels: int, workers: int, chunk_size: int = 256,
+                on_progress: Callable[[int], None] = lambda n: None) -> list[tuple[str, str]]:
+    """Decode every file of `plan` (archive name -> (split, row)) exactly once, in `workers`
+    processes, into `arrays[split][row]`; returns (file, error) for each file that failed.
+
+    At most 2 x `workers` chunks are in flight, so memory stays bounded whatever the dataset size."""
+    errors: list[tuple[str, str]] = []
+    in_flight: list[Future] = []
+    chunk: list[tuple[str, int, str, bytes]] = []
+    seen: set[str] = set()
+
+    def collect(future: Future) -> None:
+        rows, pixels, failed = future.result()
+        for (split, row), image in zip(rows, pixels):
+            arrays[split][row] = image
+        errors.extend(failed)
+        on_progress(len(rows) + len(failed))
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        def submit() -> None:
+            nonlocal chunk
+            in_flight.append(pool.submit(_decode_chunk, chunk, size, channels, max_pixels))
+            chunk = []
+            while len(in_flight) > 2 * workers:
+                collect(in_flight.pop(0))
+
+        for name, data in archive.read(set(plan)):
+            if name in seen:  # a tar may hold the same name twice; the listing counted it once
+                continue
+            seen.add(name)
+            chunk.append((*plan[name], name, data))
+            if len(chunk) >= chunk_size:
+                submit()
+        if chunk:
+            submit()
+        while in_flight:
+            collect(in_flight.pop(0))
+    if len(seen) != len(plan):
+        raise DataError(f"{archive.path}: {len(plan) - len(seen)} listed files could not be read back")
+    return errors
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
