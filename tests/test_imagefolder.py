@@ -159,6 +159,19 @@ def test_listing_rules():
     assert not listing.problems
 
 
+def test_dot_prefixed_tar_names_work(tmp_path, monkeypatch):
+    """`tar czf pets.tar.gz -C pets .` names members ./train/...: the same files."""
+    source = make_folder(tmp_path / "pets", BALANCED)
+    archive = tmp_path / "pets.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname=".")
+    work = tmp_path / "work"
+    work.mkdir()
+    assert run_stages(work, archive, monkeypatch) == 0
+    meta = json.loads((work / "data/prepared/meta.json").read_text())
+    assert meta["counts"]["test"] == {"cat": 3, "dog": 3, "eel": 2}
+
+
 def test_no_train_folder_is_an_error():
     with pytest.raises(imagefolder.DataError, match="no train/ folder"):
         imagefolder.list_entries(["photos/cat/1.jpg", "photos/dog/2.jpg"], [])

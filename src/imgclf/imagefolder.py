@@ -15,7 +15,7 @@ import tarfile
 import zipfile
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -140,25 +140,29 @@ class Listing:
     ignored: list[tuple[str, str]] = field(default_factory=list)
 
 
+def _parts(name: str) -> tuple[str, ...]:
+    """Path components of an archive name; "./train/a.png" and "train/a.png" are the same file."""
+    return tuple(p for p in name.split("/") if p not in ("", "."))
+
+
 def _hidden(parts: tuple[str, ...]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
 def list_entries(files: list[str], folders: list[str]) -> Listing:
-    """Map archive paths to (split, class); collect what cannot be used."""
-    paths = [PurePosixPath(f) for f in sorted(set(files)) if not _hidden(PurePosixPath(f).parts)]
-    dirs = [PurePosixPath(d) for d in folders if not _hidden(PurePosixPath(d).parts)]
+    """Map archive paths to (split, class); collect what cannot be used. Entries keep the names as
+    the archive spells them, sorted."""
+    paths = [(name, parts) for name in sorted(set(files)) if (parts := _parts(name)) and not _hidden(parts)]
+    dirs = [parts for d in folders if (parts := _parts(d)) and not _hidden(parts)]
     # An archive often wraps everything in one top folder (cifar10-jpg/train/...): look inside it.
-    tops = {p.parts[0] for p in paths if len(p.parts) > 1}
-    if len(tops) == 1 and not any(len(p.parts) == 1 for p in paths) and tops != {TRAIN} and \
-            not tops & set(HELD_OUT):
-        (top,) = tops
-        paths = [PurePosixPath(*p.parts[1:]) for p in paths]
-        dirs = [PurePosixPath(*d.parts[1:]) for d in dirs if len(d.parts) > 1]
-        strip = top + "/"
+    tops = {parts[0] for _, parts in paths}
+    if len(tops) == 1 and all(len(parts) > 1 for _, parts in paths) and not tops & {TRAIN, *HELD_OUT}:
+        paths = [(name, parts[1:]) for name, parts in paths]
+        dirs = [parts[1:] for parts in dirs if len(parts) > 1]
+        prefix = f"{next(iter(tops))}/"
     else:
-        strip = ""
-    present = {p.parts[0] for p in paths + dirs if p.parts}
+        prefix = ""
+    present = {parts[0] for _, parts in paths} | {parts[0] for parts in dirs}
     if TRAIN not in present:
         raise DataError(f"no {TRAIN}/ folder in the image folder: expected {TRAIN}/<class>/<image> "
                         f"(found top-level: {', '.join(sorted(present)) or 'nothing'})")
@@ -166,21 +170,20 @@ def list_entries(files: list[str], folders: list[str]) -> Listing:
     val_name = next((n for n in VAL_NAMES if n in present), None) if test_name == "test" else None
     role = {TRAIN: "train", **({test_name: "test"} if test_name else {}), **({val_name: "val"} if val_name else {})}
 
-    class_dirs = {d.parts[1] for d in dirs if len(d.parts) >= 2 and d.parts[0] == TRAIN}
     listing = Listing(classes=[], entries=[], has_test=test_name is not None, has_val=val_name is not None)
     by_class: dict[str, int] = {}
-    for p in paths:
-        name = strip + p.as_posix()
-        if p.parts[0] not in role:
+    for name, parts in paths:
+        if parts[0] not in role:
             listing.ignored.append((name, f"not under {TRAIN}/ or a held-out split folder"))
-        elif len(p.parts) < 3:
+        elif len(parts) < 3:
             listing.ignored.append((name, "not inside a class folder"))
         else:
-            if p.parts[0] == TRAIN:
-                by_class[p.parts[1]] = by_class.get(p.parts[1], 0) + 1
-            listing.entries.append(Entry(name, role[p.parts[0]], p.parts[1]))
+            if parts[0] == TRAIN:
+                by_class[parts[1]] = by_class.get(parts[1], 0) + 1
+            listing.entries.append(Entry(name, role[parts[0]], parts[1]))
+    class_dirs = {parts[1] for parts in dirs if len(parts) >= 2 and parts[0] == TRAIN}
     for empty in sorted(class_dirs - set(by_class)):
-        listing.problems.append((f"{strip}{TRAIN}/{empty}/", "empty class folder"))
+        listing.problems.append((f"{prefix}{TRAIN}/{empty}/", "empty class folder"))
     listing.classes = sorted(by_class)
     known = set(listing.classes)
     kept = []
@@ -224,8 +227,9 @@ def decode_into(archive: Archive, plan: dict[str, tuple[str, int]], arrays: dict
 
     def collect(future: Future) -> None:
         rows, pixels, failed = future.result()
-        for (split, row), image in zip(rows, pixels):
-            arrays[split][row] = image
+        for split in {split for split, _ in rows}:
+            mine = [i for i, (s, _) in enumerate(rows) if s == split]
+            arrays[split][[rows[i][1] for i in mine]] = pixels[mine]
         errors.extend(failed)
         on_progress(len(rows) + len(failed))
 

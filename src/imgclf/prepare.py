@@ -76,16 +76,18 @@ def resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:
 
 
 def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation on the 0..1 scale, accumulated in float64 chunks."""
-    total = np.zeros(images.shape[-1])
-    total_sq = np.zeros(images.shape[-1])
+    """Per-channel mean and standard deviation on the 0..1 scale, exact: from a histogram of the
+    256 possible values of each channel, counted chunk by chunk."""
+    channels = images.shape[-1]
+    histogram = np.zeros((channels, 256), dtype=np.int64)
     for start in range(0, len(images), chunk):
-        block = images[start:start + chunk].astype(np.float64) / 255.0
-        total += block.sum(axis=(0, 1, 2))
-        total_sq += np.square(block).sum(axis=(0, 1, 2))
-    count = max(images.shape[0] * images.shape[1] * images.shape[2], 1)
-    mean = total / count
-    std = np.sqrt(np.maximum(total_sq / count - mean**2, 0.0))
+        block = np.asarray(images[start:start + chunk]).reshape(-1, channels)
+        for c in range(channels):
+            histogram[c] += np.bincount(block[:, c], minlength=256)
+    values = np.arange(256) / 255.0
+    count = np.maximum(histogram.sum(axis=1), 1)
+    mean = histogram @ values / count
+    std = np.sqrt(np.maximum(histogram @ values**2 / count - mean**2, 0.0))
     std = np.where(std > 1e-6, std, 1.0)  # a constant channel would divide by zero
     return [round(float(m), 6) for m in mean], [round(float(s), 6) for s in std]
 
