@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf.models import MODELS, Classifier, build, load_checkpoint_dir, predict_proba, save_checkpoint
+from imgclf.models import (MODELS, Classifier, GlobalAvgPool, build, load_checkpoint_dir, make_deterministic,
+                           predict_proba, save_checkpoint)
+
+# Every model in the registry, plus torchvision classifiers as `torchvision:<name>` (a small one here).
+ALL_MODELS = sorted(MODELS) + ["torchvision:mobilenet_v3_small", "torchvision:resnet18"]
 
 
 def meta_for(model: str, channels: int = 3, size: int = 32, classes: int = 10) -> dict:
@@ -14,9 +18,13 @@ def meta_for(model: str, channels: int = 3, size: int = 32, classes: int = 10) -
             "channels": channels, "mean": [0.5] * channels, "std": [0.25] * channels}
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", ALL_MODELS)
 @pytest.mark.parametrize("channels, size, classes", [(1, 32, 10), (3, 32, 100), (3, 64, 2)])
 def test_forward_and_backward(name, channels, size, classes):
+    if name.startswith("torchvision:") and channels == 1:
+        with pytest.raises(ValueError, match="set data.channels to 3"):
+            build(meta_for(name, channels, size, classes))
+        return
     torch.manual_seed(0)
     model = build(meta_for(name, channels, size, classes))
     images = torch.randint(0, 256, (4, channels, size, size), dtype=torch.uint8)
@@ -24,16 +32,17 @@ def test_forward_and_backward(name, channels, size, classes):
     assert logits.shape == (4, classes)
     loss = torch.nn.functional.cross_entropy(logits, torch.arange(4) % classes)
     loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", ALL_MODELS)
 def test_loss_falls_on_a_tiny_batch(name):
     torch.manual_seed(0)
     model = build(meta_for(name))
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(8) % 10
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     losses = []
     for _ in range(30):
         loss = torch.nn.functional.cross_entropy(model(images), labels)
@@ -66,3 +75,58 @@ def test_checkpoint_round_trip(tmp_path):
     np.testing.assert_array_equal(predict_proba(model, images), predict_proba(loaded, images))
     assert meta["classes"] == [str(i) for i in range(10)]
     assert predict_proba(loaded, images[:0]).shape == (0, 10)
+
+
+def test_pretrained_weights_round_trip(tmp_path):
+    """Save random weights as a pretrained file, fine-tune from them: the backbone loads, the head is new."""
+    from torchvision.models import get_model
+
+    source = get_model("mobilenet_v3_small", weights=None)
+    torch.save(source.state_dict(), tmp_path / "weights.pth")
+    model = build(meta_for("torchvision:mobilenet_v3_small", classes=7), pretrained=str(tmp_path / "weights.pth"))
+    torch.testing.assert_close(model.net.features[0][0].weight, source.features[0][0].weight)
+    assert model.net.classifier[-1].out_features == 7
+    from safetensors.torch import save_file
+
+    save_file(source.state_dict(), str(tmp_path / "weights.safetensors"))
+    again = build(meta_for("torchvision:mobilenet_v3_small", classes=7), pretrained=str(tmp_path / "weights.safetensors"))
+    torch.testing.assert_close(again.net.features[0][0].weight, source.features[0][0].weight)
+
+
+def test_missing_pretrained_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="train.pretrained: no such file: .*never downloaded"):
+        build(meta_for("torchvision:resnet18"), pretrained=str(tmp_path / "nope.pth"))
+
+
+def test_fastnet_whitening_comes_from_the_data():
+    torch.manual_seed(0)
+    model = build(meta_for("fastnet"))
+    images = torch.rand(64, 3, 32, 32)
+    model.net.init_from_data(images)
+    weights = model.net.whiten.weight
+    assert weights.shape == (24, 3, 2, 2) and not weights.requires_grad
+    torch.testing.assert_close(weights[:12], -weights[12:])
+    whitened = torch.nn.functional.conv2d(images, weights[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
+    covariance = torch.cov(whitened.T.double())
+    assert torch.allclose(covariance, torch.eye(12, dtype=torch.float64), atol=0.05)  # decorrelated
+
+
+def test_make_deterministic_swaps_adaptive_average_pooling():
+    torch.manual_seed(0)
+    model = build(meta_for("torchvision:resnet18")).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    before = model(images)
+    make_deterministic(model)
+    assert isinstance(model.net.avgpool, GlobalAvgPool)
+    torch.testing.assert_close(model(images), before)
+
+
+def test_tta_flip_averages_an_image_and_its_mirror():
+    torch.manual_seed(0)
+    meta = {**meta_for("lenet"), "tta_flip": True}
+    model = build(meta).eval()
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    x = model.normalise(images)
+    torch.testing.assert_close(model(images), 0.5 * (model.net(x) + model.net(x.flip(3))))
+    model.train()
+    torch.testing.assert_close(model(images), model.net(x))  # never while training

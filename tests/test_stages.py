@@ -47,7 +47,7 @@ def test_all_stages_in_process(workdir):
     train.main(argv)
     run_id = json.loads((workdir / "models/model.json").read_text())["mlflow_run_id"]
     history = (workdir / "metrics/train_history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,train_accuracy,val_loss,val_accuracy" and len(history) == 4
+    assert history[0] == "epoch,train_loss,train_accuracy,val_loss,val_accuracy,lr" and len(history) == 4
 
     evaluate.main(argv)
     metrics = json.loads((workdir / "metrics/test.json").read_text())

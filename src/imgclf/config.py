@@ -84,17 +84,45 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: Literal["lenet"]
-    optimizer: Literal["sgd", "adam", "rmsprop"]
+    # A file presets/<name>.yaml whose keys override this section (none: no preset).
+    preset: str = _bounded(pattern=r"none|[A-Za-z0-9_\-]+")
+    model: str = _bounded(pattern=r"lenet|fastnet|fastnet-s|resnet18|torchvision:[A-Za-z0-9_]+")
+    # torchvision models: a local file of pretrained weights (state dict); nothing is downloaded.
+    pretrained: str | None
+    freeze_epochs: int = _bounded(ge=0)  # with pretrained weights: train only the new head at first
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"]
     lr: float = _bounded(gt=0)
     momentum: float = _bounded(ge=0, lt=1)
+    nesterov: bool
     weight_decay: float = _bounded(ge=0)
+    schedule: Literal["constant", "onecycle", "cosine"]
+    warmup_fraction: float = _bounded(ge=0, le=1)
+    final_lr_fraction: float = _bounded(ge=0, le=1)
+    label_smoothing: float = _bounded(ge=0, lt=1)
+    grad_clip: float = _bounded(ge=0)  # max gradient norm; 0 = off
+    ema_decay: float = _bounded(ge=0, lt=1)  # per optimizer step; 0 = off
     epochs: int = _bounded(ge=1)
     batch_size: int = _bounded(ge=1)
+    flip: bool
+    translate: int = _bounded(ge=0, le=16)
+    cutout: int = _bounded(ge=0)
+    tta_flip: bool
+    precision: Literal["auto", "fp32", "bf16", "fp16"]
+    channels_last: bool
+    compile: bool
+    threads: int = _bounded(ge=0)  # 0 = one per CPU core
+    deterministic: bool
     seed: int
     device: str = _bounded(pattern=r"auto|cpu|cuda(:\d+)?|mps")
     model_dir: str
     metrics_dir: str
+    checkpoint_dir: str
+
+    def __post_init__(self) -> None:
+        if self.pretrained is not None and not self.model.startswith("torchvision:"):
+            raise ConfigError("train.pretrained: only torchvision:<name> models load pretrained weights")
+        if self.freeze_epochs and self.pretrained is None:
+            raise ConfigError("train.freeze_epochs: needs train.pretrained (a fresh model has no backbone to keep)")
 
 
 @dataclass(frozen=True)
@@ -134,9 +162,40 @@ def load_params(path: str | Path) -> Params:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     try:
-        return _build(Params, raw, prefix="")
+        preset = _preset(path.parent, raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    try:
+        return _build(Params, raw, prefix="")
+    except ConfigError as exc:
+        where = f"{path} with {preset}" if preset else f"{path}"
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+PRESETS_DIR = "presets"
+
+
+def _preset(root: Path, raw: Any) -> str | None:
+    """Apply `train.preset` in place: the keys of presets/<name>.yaml (a mapping of train keys)
+    replace those of the train section. Returns the preset file's path, or None."""
+    train = raw.get("train") if isinstance(raw, dict) else None
+    name = train.get("preset", "none") if isinstance(train, dict) else "none"
+    if name == "none" or not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+        return None  # none, or a bad value that validation will report
+    file = root / PRESETS_DIR / f"{name}.yaml"
+    try:
+        values = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        available = sorted(p.stem for p in (root / PRESETS_DIR).glob("*.yaml"))
+        raise ConfigError(f"train.preset: no preset {name!r} ({file} does not exist; "
+                          f"available: {', '.join(available) or 'none'})") from None
+    if not isinstance(values, dict) or "preset" in values:
+        raise ConfigError(f"train.preset: {file} must be a mapping of train keys (without 'preset')")
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        raise ConfigError(f"train.preset: {file}: {unknown[0]}: unknown train key")
+    train.update(values)
+    return str(file)
 
 
 def as_flat_dict(params: Params) -> dict[str, Any]:

@@ -48,36 +48,172 @@ class LeNet(nn.Module):
         return self.fc3(x)
 
 
-# name -> constructor(in_channels, image_size, num_classes)
+class ConvGroup(nn.Module):
+    """conv 3x3, max-pool 2, BN, GELU, conv 3x3, BN, GELU: one stage of the fast CIFAR net."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = _batch_norm(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.norm2 = _batch_norm(cout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.norm1(self.pool(self.conv1(x))))
+        return F.gelu(self.norm2(self.conv2(x)))
+
+
+def _batch_norm(channels: int) -> nn.BatchNorm2d:
+    # Fast running statistics (PyTorch momentum 0.4) and a fixed scale of 1, only the shift learned:
+    # as in Keller Jordan's airbench (2024).
+    norm = nn.BatchNorm2d(channels, momentum=0.4, eps=1e-12)
+    norm.weight.requires_grad_(False)
+    return norm
+
+
+class FastNet(nn.Module):
+    """A fast CIFAR net of the airbench class (K. Jordan, "94% on CIFAR-10 in 3.29 seconds", 2024):
+    a frozen 2x2 patch-whitening convolution set from the training data, three ConvGroups and a
+    global max-pool into a linear head, whose output is scaled down by `head_scale`."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int,
+                 widths: tuple[int, int, int] = (64, 256, 256), head_scale: float = 1 / 9) -> None:
+        super().__init__()
+        if image_size < 16:
+            raise ValueError(f"fastnet needs images of at least 16x16 pixels, got {image_size}x{image_size}")
+        patch = in_channels * 4
+        self.whiten = nn.Conv2d(in_channels, 2 * patch, 2, bias=True)  # 2x2 patches, both signs
+        self.whiten.weight.requires_grad_(False)
+        self.layers = nn.Sequential(ConvGroup(2 * patch, widths[0]), ConvGroup(widths[0], widths[1]),
+                                    ConvGroup(widths[1], widths[2]))
+        self.head = nn.Linear(widths[2], num_classes, bias=False)
+        self.head_scale = head_scale
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the whitening filters from (normalised, float) training images: the eigenvectors of
+        the covariance of their 2x2 patches, scaled by 1/sqrt(eigenvalue), and their negatives."""
+        c = images.shape[1]
+        patches = F.unfold(images.float(), kernel_size=2).transpose(1, 2).reshape(-1, c * 4).double()
+        patches = patches - patches.mean(0)
+        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps).view(-1, 1))
+        filters = filters.view(c * 4, c, 2, 2).float()  # unfold orders (channel, row, col)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(F.gelu(self.whiten(x)))
+        return self.head(x.amax(dim=(2, 3))) * self.head_scale
+
+
+def cifar_resnet18(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """torchvision's ResNet-18 adapted to 32x32 inputs: a 3x3 stride-1 stem and no stem max-pool."""
+    from torchvision.models import resnet18
+
+    net = resnet18(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+# name -> constructor(in_channels, image_size, num_classes); `torchvision:<name>` is also accepted.
 MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
     "lenet": LeNet,
+    "fastnet": FastNet,
+    "fastnet-s": lambda c, s, n: FastNet(c, s, n, widths=(32, 128, 128)),
+    "resnet18": cifar_resnet18,
 }
+TORCHVISION = "torchvision:"
+# The normalisation torchvision's ImageNet weights were trained with.
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def torchvision_net(name: str, in_channels: int, num_classes: int, pretrained: str | None) -> nn.Module:
+    """A torchvision classifier; with `pretrained`, its weights come from that local file (never from
+    the network) and its last linear layer is replaced by a fresh one for `num_classes`."""
+    from torchvision.models import get_model
+
+    if in_channels != 3:
+        raise ValueError(f"{TORCHVISION}{name} takes RGB images: set data.channels to 3")
+    if pretrained is None:
+        return get_model(name, weights=None, num_classes=num_classes)
+    net = get_model(name, weights=None)
+    net.load_state_dict(load_weights(pretrained))
+    parent, attr, last = _last_linear(net)
+    setattr(parent, attr, nn.Linear(last.in_features, num_classes))
+    return net
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors or a torch.save file, loaded without unpickling objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"train.pretrained: no such file: {path} (weights are never downloaded at run "
+                         "time: save a state dict there, e.g. torch.save(model.state_dict(), path))")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"train.pretrained: {path} does not hold a state dict")
+    return state
+
+
+def _last_linear(net: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
+    """(parent module, attribute name, layer) of the last nn.Linear: the classification head."""
+    found = None
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Linear):
+            found = name, module
+    if found is None:
+        raise ValueError("the model has no linear classification head to replace")
+    name, layer = found
+    parent_name, _, attr = name.rpartition(".")
+    return net.get_submodule(parent_name) if parent_name else net, attr, layer
+
+
+def head_parameters(net: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the classification head (the last linear layer)."""
+    return list(_last_linear(net)[2].parameters())
 
 
 class Classifier(nn.Module):
     """uint8 images (N, C, H, W) in 0..255 -> logits: the normalisation travels inside the model, so
     training, evaluation and serving cannot disagree about it."""
 
-    def __init__(self, net: nn.Module, mean: list[float], std: list[float], num_classes: int) -> None:
+    def __init__(self, net: nn.Module, mean: list[float], std: list[float], num_classes: int,
+                 tta_flip: bool = False) -> None:
         super().__init__()
         self.net = net
         self.num_classes = num_classes
+        # Test-time augmentation: in eval mode, average the logits of each image and its mirror image.
+        self.tta_flip = tta_flip
         # Buffers so they are saved with the weights; shaped to broadcast over (N, C, H, W).
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() / 255.0 - self.mean) / self.std
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() / 255.0 - self.mean) / self.std
+        x = self.normalise(images)
+        if self.tta_flip and not self.training:
+            return 0.5 * (self.net(x) + self.net(x.flip(3)))
         return self.net(x)
 
 
-def build(meta: dict[str, Any]) -> Classifier:
-    """A fresh (untrained) classifier from checkpoint metadata."""
-    name = meta["model"]
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)})")
-    net = MODELS[name](meta["channels"], meta["image_size"], len(meta["classes"]))
-    return Classifier(net, meta["mean"], meta["std"], len(meta["classes"]))
+def build(meta: dict[str, Any], pretrained: str | None = None) -> Classifier:
+    """A classifier from checkpoint metadata: fresh weights, or a torchvision model's from `pretrained`."""
+    name, classes = meta["model"], len(meta["classes"])
+    if name.startswith(TORCHVISION):
+        net = torchvision_net(name[len(TORCHVISION):], meta["channels"], classes, pretrained)
+    elif name in MODELS:
+        net = MODELS[name](meta["channels"], meta["image_size"], classes)
+    else:
+        raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)}, {TORCHVISION}<name>)")
+    return Classifier(net, meta["mean"], meta["std"], classes, tta_flip=meta.get("tta_flip", False))
 
 
 def save_checkpoint(model: Classifier, meta: dict[str, Any], out_dir: str | Path) -> None:
@@ -100,6 +236,23 @@ def load_checkpoint(weights: str | Path, meta_path: str | Path) -> tuple[Classif
 
 def load_checkpoint_dir(model_dir: str | Path) -> tuple[Classifier, dict[str, Any]]:
     return load_checkpoint(Path(model_dir) / WEIGHTS_FILE, Path(model_dir) / META_FILE)
+
+
+class GlobalAvgPool(nn.Module):
+    """Mean over height and width: AdaptiveAvgPool2d(1) without its non-deterministic CUDA backward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
+def make_deterministic(model: nn.Module) -> nn.Module:
+    """Replace layers whose CUDA backward has no deterministic implementation with equivalent ones
+    that have (torch.use_deterministic_algorithms would otherwise refuse them)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, GlobalAvgPool())
+    return model
 
 
 def resolve_device(name: str) -> torch.device:

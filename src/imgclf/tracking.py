@@ -24,12 +24,35 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{project_root() / STORE_FILE}"
 
 
+class StoreUnavailable(RuntimeError):
+    """The tracking store cannot be reached: raised before any work is done."""
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, with a clear message, when a tracking server does not answer (MLflow's own client
+    would retry for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StoreUnavailable(f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer "
+                               f"({reason}): start it, or unset MLFLOW_TRACKING_URI to use the local store "
+                               f"{STORE_FILE}") from None
+
+
 def configure(experiment_name: str) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    check_reachable(user_uri or "")
     # (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, so read it before.)
     mlflow.set_tracking_uri(user_uri or default_tracking_uri())
     client = mlflow.MlflowClient()
@@ -61,14 +84,16 @@ def git_state(cwd: str | Path | None = None) -> dict[str, str]:
     return {"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
 
 
-def start_pipeline_run(experiment_name: str):
+def start_pipeline_run(experiment_name: str, resume_run_id: str | None = None):
     """Start the run of this pipeline execution (train stage). Named after the DVC experiment when
-    there is one; `MLFLOW_RUN_ID` (set by `mlflow run`) makes the pipeline continue that run instead."""
+    there is one; `MLFLOW_RUN_ID` (set by `mlflow run`) makes the pipeline continue that run instead,
+    and `resume_run_id` (training resumed from a checkpoint) the run that checkpoint belongs to."""
     import mlflow
 
     experiment_id = configure(experiment_name)
-    if os.environ.get("MLFLOW_RUN_ID"):
-        run = mlflow.start_run(run_id=os.environ["MLFLOW_RUN_ID"])
+    run_id = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        run = mlflow.start_run(run_id=run_id)
     else:
         run = mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"))
     tags = git_state()
@@ -111,22 +136,83 @@ def _matches(path: Path, entry: dict) -> bool:
     return entry.get("size") is None or entry["size"] == sum(p.stat().st_size for p in files)
 
 
+def log_dvc_hashes(paths: dict[str, str]) -> dict[str, str]:
+    """Tag the active run with the DVC hash (from dvc.lock) of each path, as `dvc.<key>.md5`, when
+    dvc.lock describes what is on disk. Returns the tags set."""
+    import mlflow
+
+    outputs = dvc_outputs()
+    tags = {}
+    for key, path in paths.items():
+        entry = outputs.get(Path(path).as_posix())
+        if entry and _matches(Path(path), entry):
+            tags[f"dvc.{key}.md5"] = entry["md5"]
+    if tags:
+        mlflow.set_tags(tags)
+    return tags
+
+
 def log_data_lineage(name: str, raw_dir: str, prepared_dir: str) -> dict[str, str]:
     """Record which data version the run saw: the DVC hashes of the raw and prepared data (from
     dvc.lock, which `dvc repro` updates after each stage) as tags, and the raw data as an MLflow
     dataset input whose digest is its DVC hash. Returns the tags."""
     import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    outputs = dvc_outputs()
-    tags = {}
-    for key, path in (("raw", raw_dir), ("prepared", prepared_dir)):
-        entry = outputs.get(Path(path).as_posix())
-        if entry and _matches(Path(path), entry):
-            tags[f"dvc.{key}.md5"] = entry["md5"]
-    tags["dvc.data_version_known"] = str("dvc.raw.md5" in tags).lower()
-    mlflow.set_tags(tags)
-    source = resolve_dataset_source(Path(raw_dir).resolve().as_uri())
+    tags = log_dvc_hashes({"raw": raw_dir, "prepared": prepared_dir})
+    mlflow.set_tag("dvc.data_version_known", str("dvc.raw.md5" in tags).lower())
+    # MLflow registers its local-file source twice; name one to avoid its "multiple ways" warning.
+    local = [s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource"][:1]
+    source = resolve_dataset_source(Path(raw_dir).resolve().as_uri(), candidate_sources=local or None)
     mlflow.log_input(MetaDataset(source=source, name=name, digest=tags.get("dvc.raw.md5")), context="training")
     return tags
+
+
+class EpochLogger:
+    """Per-epoch metrics into an MLflow run, exactly once each, surviving a store that goes away.
+
+    Every epoch's metrics are kept (the caller also writes them locally and into checkpoints); a
+    failed log is retried at the next epoch, and `flush(final=True)` keeps retrying for a while. On
+    a resumed run, steps MLflow already holds are not logged again."""
+
+    def __init__(self, run_id: str, key: str = "val_accuracy") -> None:
+        import mlflow
+
+        self.client = mlflow.MlflowClient()
+        self.run_id = run_id
+        self.pending: list[tuple[int, dict[str, float]]] = []
+        self.logged = {m.step for m in self.client.get_metric_history(run_id, key)}
+        self.warned = False
+
+    def add(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch not in self.logged:
+            self.pending.append((epoch, metrics))
+        self.flush()
+
+    def flush(self, final: bool = False, attempts: int = 12, wait: float = 5.0) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        for attempt in range(attempts if final else 1):
+            while self.pending:
+                epoch, metrics = self.pending[0]
+                now = int(time.time() * 1000)
+                try:
+                    self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, epoch) for k, v in metrics.items()])
+                except Exception as exc:  # the store is down or busy: keep the metrics, carry on training
+                    if not self.warned:
+                        print(f"train: could not log epoch {epoch} to MLflow ({type(exc).__name__}); "
+                              "will retry (metrics are kept in the checkpoint and train_history.csv)")
+                        self.warned = True
+                    break
+                self.logged.add(epoch)
+                self.pending.pop(0)
+            if not self.pending:
+                return
+            if final and attempt + 1 < attempts:
+                time.sleep(wait)
+        if final:
+            raise StoreUnavailable(f"{len(self.pending)} epoch(s) of metrics could not be logged to MLflow run "
+                                   f"{self.run_id}; the checkpoint keeps them: re-run to log them")

@@ -1,0 +1,52 @@
+"""Optimizers and learning-rate schedules, built from the train section of params.yaml."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from imgclf.config import TrainConfig
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Every parameter goes to the optimizer, frozen ones included: they have no gradient while frozen
+    # (the optimizer skips them) and start learning when unfrozen.
+    params = list(model.parameters())
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":  # Adam's momentum is its betas; train.momentum does not apply
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"train.optimizer: unknown optimizer {cfg.optimizer!r}")
+
+
+def lr_factor(step: int, total: int, schedule: str, warmup_fraction: float, final_fraction: float) -> float:
+    """The multiple of train.lr at optimizer step `step` (0-based) of `total`.
+
+    constant: 1 after the warm-up. onecycle: linear warm-up to 1, then linear decay to final_fraction
+    (the triangular schedule of Smith's one-cycle policy, as airbench uses). cosine: warm-up, then
+    half a cosine down to final_fraction."""
+    warmup = int(round(warmup_fraction * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(total - warmup, 1)
+    if schedule == "onecycle":
+        return 1.0 + (final_fraction - 1.0) * progress
+    if schedule == "cosine":
+        return final_fraction + (1.0 - final_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"train.schedule: unknown schedule {schedule!r}")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """Stepped once per optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, cfg.schedule, cfg.warmup_fraction, cfg.final_lr_fraction))
