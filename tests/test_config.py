@@ -48,6 +48,10 @@ def test_image_folder_data_is_named_after_its_file(tmp_path, path, name):
     (lambda p: p["train"].update(batch_size=0), "train.batch_size: must be >= 1"),
     (lambda p: p["train"].update(optimizer="lbfgs"), "train.optimizer: must be one of"),
     (lambda p: p["train"].update(device="tpu"), "train.device: 'tpu' does not match"),
+    (lambda p: p["train"].update(lookahead=True, ema_decay=0.0), "train.lookahead: needs train.ema_decay"),
+    (lambda p: p["train"].update(norm_bias_lr_scale=0), "train.norm_bias_lr_scale: must be > 0"),
+    (lambda p: p["train"].update(preset="nope"), "train.preset: no preset 'nope'"),
+    (lambda p: p["train"].update(model="resnet999"), "train.model: 'resnet999' does not match"),
     (lambda p: p["data"].update(dataset="mnist"), "data.dataset: must be one of"),
     (lambda p: p["data"].update(channels=2), "data.channels: must be one of"),
     (lambda p: p["data"].update(image_size=4), "data.image_size: must be >= 8"),
@@ -88,3 +92,33 @@ def test_every_stage_exits_2_before_any_work(tmp_path, stage):
     assert proc.returncode == 2
     assert "train.lr: must be > 0" in proc.stderr
     assert sorted(tmp_path.rglob("*")) == before  # nothing written: no data, no mlflow.db
+
+
+def test_a_preset_replaces_train_keys(tmp_path):
+    import shutil
+
+    shutil.copytree(REPO / "presets", tmp_path / "presets")
+    preset = yaml.safe_load((REPO / "presets" / "fast-cifar.yaml").read_text())
+    params = load_params(write_params(tmp_path, lambda p: p["train"].update(preset="fast-cifar")))
+    for key, value in preset.items():
+        assert getattr(params.train, key) == value, key
+    assert params.train.preset == "fast-cifar"
+
+
+def test_a_preset_with_a_bad_key_names_the_file(tmp_path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "mine.yaml").write_text("lr: 0.1\nlearning_rate: 0.2\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: learning_rate: unknown train key"):
+        load_params(write_params(tmp_path, lambda p: p["train"].update(preset="mine")))
+    (tmp_path / "presets" / "mine.yaml").write_text("lr: -1\n")
+    with pytest.raises(ConfigError, match=r"with .*mine.yaml: train.lr: must be > 0"):
+        load_params(write_params(tmp_path, lambda p: p["train"].update(preset="mine")))
+
+
+@pytest.mark.parametrize("written, value", [("1e-04", 1e-4), ("1e+30", 1e30), ("2.5e-3", 2.5e-3), ("0.1", 0.1)])
+def test_floats_as_dvc_writes_them_are_numbers(tmp_path, written, value):
+    """`dvc exp run -S train.lr=1e-4` writes `lr: 1e-04`, which YAML 1.1 would read as a string."""
+    path = write_params(tmp_path, lambda p: None)
+    text = open(path).read().replace("lr: 0.002", f"lr: {written}")
+    open(path, "w").write(text)
+    assert load_params(path).train.lr == value

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from imgclf.models import (MODELS, Classifier, GlobalAvgPool, build, load_checkpoint_dir, make_deterministic,
-                           predict_proba, save_checkpoint)
+from imgclf.models import (
+    MODELS,
+    Classifier,
+    GlobalAvgPool,
+    build,
+    load_checkpoint_dir,
+    make_deterministic,
+    predict_proba,
+    save_checkpoint,
+)
 
 # Every model in the registry, plus torchvision classifiers as `torchvision:<name>` (a small one here).
 ALL_MODELS = sorted(MODELS) + ["torchvision:mobilenet_v3_small", "torchvision:resnet18"]

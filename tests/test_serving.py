@@ -47,9 +47,8 @@ def server(built_project):
     proc.wait(timeout=30)
 
 
-def post(url: str, body: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{url}/invocations", data=body,
-                                     headers={"Content-Type": "application/json"})
+def post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -66,9 +65,11 @@ def test_http_predictions_equal_evaluate_predictions(server):
     images = np.load(root / "data/prepared/test_images.npy")
     with open(root / "metrics/predictions.csv") as f:
         expected = list(csv.DictReader(f))
-    status, body = post(url, images_request([encode_png(image) for image in images]))
-    assert status == 200, body
-    got = body["predictions"]
+    got = []
+    for start in range(0, len(images), 120):  # under serve.max_images per request
+        status, body = post(url, images_request([encode_png(image) for image in images[start:start + 120]]))
+        assert status == 200, body
+        got += body["predictions"]
     assert len(got) == len(expected) == len(images)
     classes = json.loads((root / "models/model.json").read_text())["classes"]
     for row, prediction in zip(expected, got):
@@ -89,7 +90,8 @@ def test_any_size_and_mode_is_resized_like_evaluation(server):
     status, body = post(url, images_request([buffer.getvalue()]))
     assert status == 200, body
     (prediction,) = body["predictions"]
-    assert set(prediction) >= {"class", "index", "probability"} and 0 <= prediction["probability"] <= 1
+    assert set(prediction) >= {"class", "index", "probability", "top_k"} and 0 <= prediction["probability"] <= 1
+    assert [t["class"] for t in prediction["top_k"]][0] == prediction["class"] and len(prediction["top_k"]) == 3
 
 
 def test_undecodable_image_is_a_400_naming_it_and_the_server_stays_up(server):
@@ -100,6 +102,98 @@ def test_undecodable_image_is_a_400_naming_it_and_the_server_stays_up(server):
     assert "input 1" in body["message"]
     status, body = post(url, images_request([good]))
     assert status == 200 and len(body["predictions"]) == 1
+
+
+def test_raw_arrays_give_the_same_predictions_as_image_files(server):
+    root, url, _ = server
+    images = np.load(root / "data/prepared/test_images.npy")[:16]
+    status, from_files = post(url, images_request([encode_png(image) for image in images]))
+    assert status == 200
+    array = {"array": base64.b64encode(images.tobytes()).decode(), "shape": list(images.shape), "dtype": "uint8"}
+    status, from_arrays = post(url, json.dumps({"inputs": array}).encode())
+    assert status == 200, from_arrays
+    assert from_arrays == from_files
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _bad_requests(good: bytes) -> dict[str, tuple[bytes, str, int, str]]:
+    """name -> (body, content type, expected status, text the message must hold)."""
+    import io
+
+    from PIL import Image
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(jpeg, format="JPEG")
+    array = {"array": _b64(bytes(8 * 8)), "shape": [1, 8, 8, 1], "dtype": "uint8"}
+    as_json = lambda value: json.dumps(value).encode()  # noqa: E731
+    return {
+        "truncated JPEG": (as_json({"inputs": [_b64(good), _b64(jpeg.getvalue()[:400])]}), "application/json", 400,
+                           "input 1: cannot decode the image"),
+        "random bytes": (as_json({"inputs": [_b64(np.random.default_rng(0).bytes(500))]}), "application/json", 400,
+                         "input 0: not an image file"),
+        "invalid base64": (as_json({"inputs": [_b64(good), "!!!not base64"]}), "application/json", 400,
+                           "input 1: not valid base64"),
+        "empty list": (as_json({"inputs": []}), "application/json", 400, "inputs is empty"),
+        "wrong JSON shape": (as_json({"instances": [_b64(good)]}), "application/json", 400, 'expected {"inputs"'),
+        "inputs not a list": (as_json({"inputs": 5}), "application/json", 400, "inputs must be a list"),
+        "a number for an image": (as_json({"inputs": [7]}), "application/json", 400,
+                                  "input 0: expected a base64 string"),
+        "not JSON": (b"{inputs: nope", "application/json", 400, "not valid JSON"),
+        "wrong array shape": (as_json({"inputs": {**array, "shape": [1, 8, 8]}}), "application/json", 400,
+                              "array shape must be [N, H, W, C]"),
+        "wrong array dtype": (as_json({"inputs": {**array, "dtype": "float32"}}), "application/json", 400,
+                              "array dtype must be uint8"),
+        "array of the wrong size": (as_json({"inputs": {**array, "shape": [2, 8, 8, 1]}}), "application/json", 400,
+                                    "array holds 64 bytes, but shape [2, 8, 8, 1] needs 128"),
+        "too many images": (as_json({"inputs": [_b64(good)] * 257}), "application/json", 413,
+                            "257 images in one request, over the limit of 256"),
+        "decompression bomb": (as_json({"inputs": [_b64(_png_claiming(20_000, 20_000))]}), "application/json", 413,
+                               "input 0: too many pixels, over the limit"),
+        "wrong content type": (b"inputs=1", "text/plain", 415, "Content-Type: application/json"),
+        "50 MB body": (b'{"inputs": ["' + b"A" * 50_000_000 + b'"]}', "application/json", 413,
+                       "over the limit of 20,000,000"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_requests(b"")))
+def test_bad_input_gets_a_short_4xx_and_the_server_keeps_serving(server, case):
+    root, url, _ = server
+    good = encode_png(np.load(root / "data/prepared/test_images.npy")[0])
+    body, content_type, status, text = _bad_requests(good)[case]
+    start = time.monotonic()
+    got_status, got = post(url, body, content_type)
+    elapsed = time.monotonic() - start
+    assert got_status == status, got
+    assert text in got["message"], got["message"]
+    raw = json.dumps(got)
+    assert len(raw) < 500 and "Traceback" not in raw and "stack_trace" not in got  # no echo, no trace
+    if case == "decompression bomb":
+        assert elapsed < 1.0  # refused from the header, nothing allocated
+    status, after = post(url, images_request([good]))
+    assert status == 200 and len(after["predictions"]) == 1
+
+
+def test_readme_array_request_is_served(server):
+    root, _, port = server
+    build = readme_command("python -c \"import base64,json,numpy as np")
+    curl = readme_command("curl -s localhost:5001/invocations -H 'Content-Type: application/json' -d @request.json")
+    run(build, root)
+    body = json.loads(run(curl.replace("localhost:5001", f"localhost:{port}"), root).stdout)
+    (prediction,) = body["predictions"]
+    assert prediction["class"] in json.loads((root / "models/model.json").read_text())["classes"]
 
 
 def test_readme_curl_classifies_the_example_image(server):

@@ -24,6 +24,18 @@ class ConfigError(ValueError):
     """A params file that cannot be used; the message names the file and the key."""
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where `1e-4` is a string; DVC (YAML 1.2) writes floats that way
+    (`dvc exp run -S train.lr=1e-4`). Read them as numbers, as DVC does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+
+
 def _bounded(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
              lt: float | None = None, pattern: str | None = None) -> Any:
     """A required field with a range (numbers) or a regular expression (strings)."""
@@ -95,12 +107,14 @@ class TrainConfig:
     momentum: float = _bounded(ge=0, lt=1)
     nesterov: bool
     weight_decay: float = _bounded(ge=0)
+    norm_bias_lr_scale: float = _bounded(gt=0)  # learning-rate multiple for BatchNorm biases
     schedule: Literal["constant", "onecycle", "cosine"]
     warmup_fraction: float = _bounded(ge=0, le=1)
     final_lr_fraction: float = _bounded(ge=0, le=1)
     label_smoothing: float = _bounded(ge=0, lt=1)
     grad_clip: float = _bounded(ge=0)  # max gradient norm; 0 = off
     ema_decay: float = _bounded(ge=0, lt=1)  # per optimizer step; 0 = off
+    lookahead: bool  # with an EMA: ramp its decay up over training and reset the weights to it
     epochs: int = _bounded(ge=1)
     batch_size: int = _bounded(ge=1)
     flip: bool
@@ -121,6 +135,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.pretrained is not None and not self.model.startswith("torchvision:"):
             raise ConfigError("train.pretrained: only torchvision:<name> models load pretrained weights")
+        if self.lookahead and not self.ema_decay:
+            raise ConfigError("train.lookahead: needs train.ema_decay > 0 (the average it looks ahead to)")
         if self.freeze_epochs and self.pretrained is None:
             raise ConfigError("train.freeze_epochs: needs train.pretrained (a fresh model has no backbone to keep)")
 
@@ -138,6 +154,17 @@ class RegisterConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """Limits the served model enforces (stored with it by the register stage)."""
+
+    max_request_bytes: int = _bounded(ge=1)  # a whole request body
+    max_image_bytes: int = _bounded(ge=1)    # one encoded image file
+    max_image_pixels: int = _bounded(ge=1)   # width x height of one image, read from its header
+    max_images: int = _bounded(ge=1)         # images in one request
+    top_k: int = _bounded(ge=1)              # classes returned per image, most probable first
+
+
+@dataclass(frozen=True)
 class MlflowConfig:
     experiment_name: str = _bounded(pattern=r"\S.*")
 
@@ -149,6 +176,7 @@ class Params:
     train: TrainConfig
     evaluate: EvaluateConfig
     register: RegisterConfig
+    serve: ServeConfig
     mlflow: MlflowConfig
 
 
@@ -156,7 +184,7 @@ def load_params(path: str | Path) -> Params:
     """Read and validate a params file; raises ConfigError naming the offending key."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Loader)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such params file") from None
     except yaml.YAMLError as exc:
@@ -184,7 +212,7 @@ def _preset(root: Path, raw: Any) -> str | None:
         return None  # none, or a bad value that validation will report
     file = root / PRESETS_DIR / f"{name}.yaml"
     try:
-        values = yaml.safe_load(file.read_text())
+        values = yaml.load(file.read_text(), Loader=_Loader)
     except FileNotFoundError:
         available = sorted(p.stem for p in (root / PRESETS_DIR).glob("*.yaml"))
         raise ConfigError(f"train.preset: no preset {name!r} ({file} does not exist; "
@@ -258,6 +286,8 @@ def _check(key: str, value: Any, hint: Any, limits: typing.Mapping[str, Any]) ->
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {_kind(value)} {value!r}")
         value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key}: expected a finite number, got {value}")
     elif hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {_kind(value)} {value!r}")

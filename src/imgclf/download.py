@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from imgclf.config import DataConfig, stage_params
-from imgclf.datasets import DataError, download as fetch
+from imgclf.datasets import DataError
+from imgclf.datasets import download as fetch
 from imgclf.files import staged_dir
 
 

@@ -10,10 +10,23 @@ from torch import nn
 from imgclf.config import TrainConfig
 
 
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """BatchNorm biases learn `norm_bias_lr_scale` times faster, with weight decay scaled down by as
+    much so that their decay per step stays the same (airbench's "bias_scaler", K. Jordan 2024).
+    Every parameter is included, frozen ones too: they have no gradient while frozen (the optimizer
+    skips them) and learn once unfrozen."""
+    norm_biases = {id(m.bias) for m in model.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
+    if cfg.norm_bias_lr_scale == 1.0 or not norm_biases:
+        return [{"params": list(model.parameters())}]
+    scale = cfg.norm_bias_lr_scale
+    return [{"params": [p for p in model.parameters() if id(p) in norm_biases], "lr": cfg.lr * scale,
+             "weight_decay": cfg.weight_decay / scale},
+            {"params": [p for p in model.parameters() if id(p) not in norm_biases]}]
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # Every parameter goes to the optimizer, frozen ones included: they have no gradient while frozen
-    # (the optimizer skips them) and start learning when unfrozen.
-    params = list(model.parameters())
+    params = param_groups(model, cfg)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)

@@ -68,17 +68,23 @@ def champion_accuracy(client, name: str) -> tuple[str | None, float | None]:
     return str(current.version), metrics.get("val_accuracy")
 
 
-def log_model(model_dir: Path, example: np.ndarray):
-    """Log the checkpoint as a "models from code" pyfunc with the package source beside it."""
+def log_model(model_dir: Path, example: np.ndarray, serving: dict):
+    """Log the checkpoint as a "models from code" pyfunc with the package source beside it, and the
+    serving limits."""
+    import tempfile
+
     import mlflow
 
-    with warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        limits = Path(tmp) / "serving.json"
+        limits.write_text(json.dumps(serving))
         # The output type hint (a list of dicts of mixed values) has no stricter MLflow schema.
         warnings.filterwarnings("ignore", message=".*Any type hint is inferred as AnyType")
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PACKAGE_DIR / "model_code.py"),
-            artifacts={"weights": str(model_dir / WEIGHTS_FILE), "meta": str(model_dir / META_FILE)},
+            artifacts={"weights": str(model_dir / WEIGHTS_FILE), "meta": str(model_dir / META_FILE),
+                       "serving": str(limits)},
             code_paths=[str(PACKAGE_DIR)],
             input_example=[encode_png(image) for image in example],
             pip_requirements=pip_requirements(),
@@ -102,11 +108,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import mlflow
 
-    from imgclf.tracking import resume_pipeline_run
+    from imgclf.tracking import log_dvc_hashes, resume_pipeline_run
 
     name = model_name(params)
     with resume_pipeline_run(params.mlflow.experiment_name, meta["mlflow_run_id"]) as run:
-        info = log_model(model_dir, example)
+        info = log_model(model_dir, example, asdict(params.serve))
         client = mlflow.MlflowClient()
         previous, previous_accuracy = champion_accuracy(client, name)
         version = mlflow.register_model(info.model_uri, name,
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         receipt = Receipt(name, str(version), run.info.run_id, f"models:/{name}/{version}", val_accuracy,
                           champion, previous, previous_accuracy)
         mlflow.set_tags({"registered_model": f"{name}/{version}", "champion": str(champion).lower()})
+        log_dvc_hashes({"model": str(model_dir / WEIGHTS_FILE)})  # dvc.lock has train's outputs by now
     write_json(params.register.receipt, asdict(receipt))
     verdict = "now champion" if champion else f"champion stays version {previous}"
     print(f"register: {name} version {version} (val_accuracy {val_accuracy:.4f}): {verdict}")

@@ -1,43 +1,195 @@
-"""The MLflow pyfunc that serves a checkpoint: image files in, class predictions out.
+"""The MLflow pyfunc that serves a checkpoint, and the guard that makes `mlflow models serve` safe.
 
-`mlflow models serve` decodes the base64 strings of `{"inputs": ["<base64 image file>", ...]}` into
-bytes (the `list[bytes]` type hint asks for that); each image is decoded with Pillow and resized exactly
-as the prepare stage did, and the model normalises it as in training. Logged by the register stage as a
-"models from code" pyfunc (see model_code.py): no pickled Python objects, weights in safetensors.
+Requests to `POST /invocations` (Content-Type: application/json):
+  {"inputs": ["<base64 of an image file>", ...]}                       PNG, JPEG, anything Pillow reads
+  {"inputs": {"array": "<base64 of raw bytes>", "shape": [N, H, W, C], "dtype": "uint8"}}
+                                                                        pixels a client decoded itself
+Each image is converted and resized exactly as the prepare stage did, and normalised inside the model.
+The answer: {"predictions": [{"class", "index", "probability", "top_k": [...]}, ...]}, one per image.
+
+Limits (bytes per request and per image, pixels per image, images per request) come from the `serve`
+section of params.yaml, stored with the model by the register stage, and are checked before anything
+is decoded: pixels from the image header, so a decompression bomb is refused without being allocated.
+
+MLflow's stock scoring server answers 500 to invalid base64, echoes the whole payload in its error
+messages and reads bodies of any size. When `mlflow models serve` loads this model, `load_context`
+therefore replaces the server's `invocations` handler with `guarded_invocations`: every bad input gets
+a 4xx with a short message naming the input and the problem (no payload, no stack trace), and the
+server keeps serving. Logged by the register stage as a "models from code" pyfunc (model_code.py): no
+pickled Python objects, weights in safetensors.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import os
+import threading
 from typing import Any
 
 import mlflow
 import numpy as np
 from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
 
-from imgclf.images import ImageError, decode
+from imgclf.images import ImageError, decode, to_array
 from imgclf.models import load_checkpoint, predict_proba
 
+DEFAULT_LIMITS = {"max_request_bytes": 20_000_000, "max_image_bytes": 5_000_000,
+                  "max_image_pixels": 40_000_000, "max_images": 256, "top_k": 3}
 
-def predictions(probs: np.ndarray, classes: list[str]) -> list[dict[str, Any]]:
-    """One dict per image: the most probable class, its index and its probability."""
-    best = probs.argmax(1)
-    return [{"class": classes[k], "index": int(k), "probability": float(row[k])} for k, row in zip(best, probs)]
+
+class RequestError(ValueError):
+    """A bad request: HTTP status and a short message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def predictions(probs: np.ndarray, classes: list[str], top_k: int) -> list[dict[str, Any]]:
+    """One dict per image: the most probable class, its index and probability, and the top k."""
+    k = min(top_k, len(classes))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    out = []
+    for row, best in zip(probs, order):
+        top = [{"class": classes[i], "index": int(i), "probability": float(row[i])} for i in best]
+        out.append({**top[0], "top_k": top})
+    return out
+
+
+def decode_base64(text: Any, index: int, max_bytes: int) -> bytes:
+    if not isinstance(text, str):
+        raise RequestError(400, f"input {index}: expected a base64 string, got {type(text).__name__}")
+    if len(text) > (max_bytes + 2) // 3 * 4 + 4:  # the decoded size, known before decoding
+        raise RequestError(413, f"input {index}: the image is over the limit of {max_bytes:,} bytes")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, f"input {index}: not valid base64") from None
+
+
+def parse_request(body: bytes, content_type: str | None, limits: dict[str, int]) -> list[bytes] | np.ndarray:
+    """Validate a request body: image files (list of bytes) or pixel arrays (uint8 N, H, W, C)."""
+    if (content_type or "").split(";")[0].strip().lower() != "application/json":
+        raise RequestError(415, "send Content-Type: application/json")
+    if len(body) > limits["max_request_bytes"]:
+        raise RequestError(413, f"the request body is {len(body):,} bytes, over the limit of "
+                                f"{limits['max_request_bytes']:,}")
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RequestError(400, "the request body is not valid JSON") from None
+    if not isinstance(payload, dict) or set(payload) != {"inputs"}:
+        raise RequestError(400, 'expected {"inputs": [<base64 image>, ...]} or '
+                                '{"inputs": {"array": <base64>, "shape": [N, H, W, C], "dtype": "uint8"}}')
+    inputs = payload["inputs"]
+    if isinstance(inputs, dict):
+        return parse_array(inputs, limits)
+    if not isinstance(inputs, list):
+        raise RequestError(400, "inputs must be a list of base64 image files or an array object")
+    if not inputs:
+        raise RequestError(400, "inputs is empty: send at least one image")
+    if len(inputs) > limits["max_images"]:
+        raise RequestError(413, f"{len(inputs)} images in one request, over the limit of {limits['max_images']}")
+    return [decode_base64(item, i, limits["max_image_bytes"]) for i, item in enumerate(inputs)]
+
+
+def parse_array(inputs: dict, limits: dict[str, int]) -> np.ndarray:
+    if set(inputs) != {"array", "shape", "dtype"}:
+        raise RequestError(400, 'an array input has exactly the keys "array", "shape" and "dtype"')
+    if inputs["dtype"] != "uint8":
+        raise RequestError(400, f"array dtype must be uint8, got {inputs['dtype']!r}")
+    shape = inputs["shape"]
+    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise RequestError(400, f"array shape must be [N, H, W, C] of positive integers, got {shape!r}")
+    n, h, w, c = shape
+    if c not in (1, 3, 4):
+        raise RequestError(400, f"array shape {shape}: C must be 1 (gray), 3 (RGB) or 4 (RGBA)")
+    if n > limits["max_images"]:
+        raise RequestError(413, f"{n} images in one request, over the limit of {limits['max_images']}")
+    if h * w > limits["max_image_pixels"]:
+        raise RequestError(413, f"array shape {shape}: {h * w:,} pixels per image, over the limit of "
+                                f"{limits['max_image_pixels']:,}")
+    raw = decode_base64(inputs["array"], 0, n * h * w * c)
+    if len(raw) != n * h * w * c:
+        raise RequestError(400, f"array holds {len(raw):,} bytes, but shape {shape} needs {n * h * w * c:,}")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(n, h, w, c)
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.model, self.meta = load_checkpoint(context.artifacts["weights"], context.artifacts["meta"])
+        limits = context.artifacts.get("serving")
+        self.limits = {**DEFAULT_LIMITS, **(json.loads(open(limits).read()) if limits else {})}
+        # One forward pass at a time, using every core: concurrent ones would oversubscribe the CPU.
+        self.lock = threading.Lock()
+        from mlflow.pyfunc import scoring_server
 
-    def predict(self, model_input: list[bytes], params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        if os.environ.get(scoring_server._SERVER_MODEL_PATH):  # loaded by `mlflow models serve`
+            install_guard()
+
+    def decode_all(self, files: list[bytes]) -> np.ndarray:
+        """Image files -> uint8 (N, size, size, channels); RequestError naming the first bad one."""
         size, channels = self.meta["image_size"], self.meta["channels"]
         arrays = []
-        for i, data in enumerate(model_input):
+        for i, data in enumerate(files):
+            if len(data) > self.limits["max_image_bytes"]:
+                raise RequestError(413, f"input {i}: {len(data):,} bytes, over the limit of "
+                                        f"{self.limits['max_image_bytes']:,}")
             try:
-                arrays.append(decode(data, size, channels))
+                arrays.append(decode(data, size, channels, self.limits["max_image_pixels"]))
             except ImageError as exc:
-                # INVALID_PARAMETER_VALUE makes the scoring server answer 400 instead of 500.
-                raise MlflowException(f"input {i}: {exc}", error_code=INVALID_PARAMETER_VALUE) from None
-        if not arrays:
-            return []
-        probs = predict_proba(self.model, np.stack(arrays))
-        return predictions(probs, self.meta["classes"])
+                status = 413 if "over the limit" in str(exc) else 400
+                raise RequestError(status, f"input {i}: {exc}") from None
+        return np.stack(arrays) if arrays else np.zeros((0, size, size, channels), np.uint8)
+
+    def conform(self, pixels: np.ndarray) -> np.ndarray:
+        """Client-decoded uint8 (N, H, W, C) -> the model's size and channels, as prepare does."""
+        size, channels = self.meta["image_size"], self.meta["channels"]
+        if pixels.shape[1:] == (size, size, channels):
+            return pixels
+        from PIL import Image
+
+        modes = {1: "L", 3: "RGB", 4: "RGBA"}
+        return np.stack([to_array(Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p, modes[p.shape[-1]]),
+                                  size, channels) for p in pixels])
+
+    def classify(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+        with self.lock:
+            probs = predict_proba(self.model, pixels)
+        return predictions(probs, self.meta["classes"], self.limits["top_k"])
+
+    def predict(self, model_input: list[bytes], params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Image files in, predictions out (in process; the served model goes through the guard)."""
+        if len(model_input) > self.limits["max_images"]:
+            raise MlflowException(f"{len(model_input)} images, over the limit of {self.limits['max_images']}",
+                                  error_code=INVALID_PARAMETER_VALUE)
+        try:
+            return self.classify(self.decode_all(model_input))
+        except RequestError as exc:
+            raise MlflowException(exc.message, error_code=INVALID_PARAMETER_VALUE) from None
+
+
+def guarded_invocations(data: bytes, content_type: str | None, model, input_schema):
+    """Stands in for mlflow.pyfunc.scoring_server.invocations when it serves an ImageClassifier."""
+    from mlflow.pyfunc.scoring_server import InvocationsResponse
+
+    python_model = model.unwrap_python_model()
+    try:
+        inputs = parse_request(data, content_type, python_model.limits)
+        pixels = python_model.conform(inputs) if isinstance(inputs, np.ndarray) else python_model.decode_all(inputs)
+        body, status = {"predictions": python_model.classify(pixels)}, 200
+    except RequestError as exc:
+        code = "RESOURCE_EXHAUSTED" if exc.status == 413 else "INVALID_PARAMETER_VALUE"
+        body, status = {"error_code": code, "message": exc.message}, exc.status
+    return InvocationsResponse(response=json.dumps(body), status=status, mimetype="application/json")
+
+
+def install_guard() -> None:
+    """Route the scoring server's requests through `guarded_invocations`. The server looks the
+    handler up by name on each request, so replacing it while the model loads takes effect; it
+    serves this one model only."""
+    from mlflow.pyfunc import scoring_server
+
+    scoring_server.invocations = guarded_invocations

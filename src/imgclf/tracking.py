@@ -46,15 +46,23 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
                                f"{STORE_FILE}") from None
 
 
-def configure(experiment_name: str) -> str:
-    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+def use_store() -> str | None:
+    """Point MLflow at the store (MLFLOW_TRACKING_URI, else the default); returns the user's URI."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     check_reachable(user_uri or "")
     # (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, so read it before.)
     mlflow.set_tracking_uri(user_uri or default_tracking_uri())
+    return user_uri
+
+
+def configure(experiment_name: str) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    user_uri = use_store()
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is not None:
@@ -72,16 +80,24 @@ def configure(experiment_name: str) -> str:
 
 
 def git_state(cwd: str | Path | None = None) -> dict[str, str]:
-    """The commit the code came from and whether the tree had uncommitted changes."""
+    """The commit the code came from, and whether tracked files differ from it. The pipeline's own
+    records (dvc.lock, .gitignore files, stage outputs kept in git such as metrics) do not count:
+    `dvc repro` rewrites them as it runs."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                              check=True).stdout.strip()
+                              check=True).stdout
     try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        commit = git("rev-parse", "HEAD").strip()
+        changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
     except (OSError, subprocess.CalledProcessError):
         return {}
-    return {"mlflow.source.git.commit": commit, "git_dirty": str(dirty).lower()}
+    outputs = set(dvc_outputs(Path(cwd or ".") / "dvc.lock"))
+    changed = [path for path in changed
+               if path != "dvc.lock" and Path(path).name != ".gitignore" and path not in outputs]
+    tags = {"mlflow.source.git.commit": commit, "git_dirty": str(bool(changed)).lower()}
+    if changed:
+        tags["git_dirty_files"] = ", ".join(changed)[:4000]
+    return tags
 
 
 def start_pipeline_run(experiment_name: str, resume_run_id: str | None = None):

@@ -33,12 +33,24 @@ from imgclf import checkpoint
 from imgclf.augment import Augment
 from imgclf.config import Params, TrainConfig, as_flat_dict, stage_params
 from imgclf.files import write_bytes, write_json
-from imgclf.models import (IMAGENET_MEAN, IMAGENET_STD, TORCHVISION, Classifier, build, head_parameters,
-                           make_deterministic, resolve_device, save_checkpoint, to_nchw)
+from imgclf.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TORCHVISION,
+    Classifier,
+    build,
+    head_parameters,
+    make_deterministic,
+    resolve_device,
+    save_checkpoint,
+    to_nchw,
+)
 from imgclf.optim import make_optimizer, make_scheduler
 
 # How often (in steps) the device is asked whether the loss went non-finite: asking syncs a GPU.
 DIVERGENCE_CHECK_EVERY = 50
+# With train.lookahead, the weights are reset to their EMA every this many steps (airbench: 5).
+LOOKAHEAD_EVERY = 5
 
 
 @dataclass(frozen=True)
@@ -97,9 +109,9 @@ class Training:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.ema = None
         if cfg.ema_decay:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+            from torch.optim.swa_utils import AveragedModel
 
-            self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+            self.ema = AveragedModel(model, multi_avg_fn=self._average, use_buffers=True)
         # Shuffling and augmentation draw from their own generators, seeded by train.seed alone.
         self.order = torch.Generator().manual_seed(cfg.seed)
         self.augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
@@ -110,6 +122,23 @@ class Training:
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.epoch = 0
         self.history: list[dict[str, float]] = []
+
+    def _ema_decay_now(self) -> float:
+        """train.ema_decay; with lookahead, ramped up as (progress)^3 (move fast early, average
+        strongly late), as in airbench (K. Jordan, 2024)."""
+        if not self.cfg.lookahead:
+            return self.cfg.ema_decay
+        done = self.scheduler.last_epoch / (self.cfg.epochs * self.steps_per_epoch)
+        return self.cfg.ema_decay * done**3
+
+    @torch.no_grad()
+    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], count) -> None:
+        pairs = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
+        if pairs:
+            torch._foreach_lerp_([a for a, _ in pairs], [c for _, c in pairs], 1.0 - self._ema_decay_now())
+        for a, c in zip(averaged, current):
+            if not a.is_floating_point():  # counters such as BatchNorm's num_batches_tracked
+                a.copy_(c)
 
     @property
     def final_model(self) -> Classifier:
@@ -174,6 +203,9 @@ class Training:
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
+                if cfg.lookahead and step % LOOKAHEAD_EVERY == 0:
+                    # Lookahead: the weights being trained jump back to their running average.
+                    self.model.load_state_dict(self.ema.module.state_dict())
             loss = loss.detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             loss_sum += loss * len(index)
@@ -237,8 +269,11 @@ def new_training(params: Params, meta: dict, train: Arrays, val: Arrays, device:
     if cfg.deterministic:
         make_deterministic(model)
     if hasattr(model.net, "init_from_data"):  # e.g. FastNet's patch whitening, from training images
+        # A random sample: prepared splits are sorted by class, so the first rows are one class.
+        sample = torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(cfg.seed))[:5000]
         with torch.no_grad():
-            model.net.init_from_data(model.normalise(to_nchw(train.images[:5000], torch.device("cpu"))))
+            images = to_nchw(train.images[np.sort(sample.numpy())], torch.device("cpu"))
+            model.net.init_from_data(model.normalise(images))
     return Training(model, train, val, cfg, device)
 
 

@@ -1,0 +1,278 @@
+"""Benchmark: our training loop against the classic PyTorch tutorial loop, and the fast CIFAR-10 preset.
+
+    python bench/training.py --parts throughput,target,flops       # about 10 minutes
+    python bench/training.py --parts fast --seeds 3                 # the fast preset: about 15 minutes a seed
+
+All on the JPEG copy of CIFAR-10 (`--archive`, default ../shared/datasets/cifar10-jpg.tar.gz), on the CPU,
+with the model classes and training loop of this package; the tutorial loop is written out below as
+the reference. Parts:
+  throughput  images/s training LeNet: the tutorial loop (ImageFolder with PIL transforms, DataLoader
+              with 2 workers, batch 4, SGD lr 0.001 momentum 0.9) over a slice, against our loop (uint8
+              tensors, batched on-device preprocessing) at the tutorial's batch 4 and at batch 256
+  target      wall time for our fastest recipe to reach the tutorial's 54.5% test accuracy (test
+              accuracy checked every few steps, with the clock stopped), against the tutorial's 2
+              epochs (its throughput from `throughput`, scaled to 100,000 images)
+  flops       achieved training FLOP/s (forward + backward FLOPs counted by torch's FlopCounterMode, times
+              images/s) as a share of the fp32 matrix-multiply rate measured here, now
+  fast        the `fast-cifar` preset, training from scratch per seed: test accuracy and wall time
+Throughputs are medians of --repeats runs, measured side by side in one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+TUTORIAL_ACCURACY = 0.545  # the tutorial loop's 2-epoch test accuracy on this data (datasets README)
+TUTORIAL_IMAGES = 100_000  # its 2 epochs
+
+# Our fastest way to the tutorial's accuracy: the half-width fast net, a one-cycle schedule sized for
+# one epoch, EMA weights; measured as the time until test accuracy first reaches the target.
+TARGET_RECIPE = dict(model="fastnet-s", optimizer="sgd", nesterov=True, momentum=0.85, lr=0.75, weight_decay=4e-6,
+                     schedule="onecycle", warmup_fraction=0.2, final_lr_fraction=0.1, label_smoothing=0.2,
+                     batch_size=512, epochs=1, flip=True, translate=2, ema_decay=0.95)
+
+
+def log(*args) -> None:
+    print(*args, flush=True)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def prepare(archive: Path, work: Path) -> tuple[Path, Path, "object"]:
+    """Our prepared arrays (the prepare stage with the default params, as `dvc exp run` would make
+    them: 15% of train held out for validation) and the archive extracted to a folder."""
+    from imgclf.config import load_params
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(dataset="imagefolder", path=str(archive), image_size=32)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        from imgclf import download
+        from imgclf import prepare as prepare_stage
+
+        download.main(["--params", "params.yaml"])
+        prepare_stage.main(["--params", "params.yaml"])
+    finally:
+        os.chdir(cwd)
+    folder = work / "folder"
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder, filter="data")
+    top = folder if (folder / "train").exists() else next(folder.iterdir())
+    return work / "data" / "prepared", top, load_params(work / "params.yaml")
+
+
+def arrays(prepared: Path, *splits: str):
+    from imgclf.train import Arrays
+
+    return Arrays(np.concatenate([np.load(prepared / f"{s}_images.npy") for s in splits]),
+                  np.concatenate([np.load(prepared / f"{s}_labels.npy") for s in splits]))
+
+
+# ---- the reference: the PyTorch tutorial's training loop ------------------------------------------
+
+def tutorial_throughput(train_dir: Path, batches: int) -> float:
+    """Images/s of the "Training a Classifier" tutorial loop over `batches` batches of 4."""
+    import torchvision.transforms as transforms
+    from torchvision.datasets import ImageFolder
+
+    from imgclf.models import LeNet
+
+    transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+    trainset = ImageFolder(str(train_dir), transform=transform)
+    loader = torch.utils.data.DataLoader(trainset, batch_size=4, shuffle=True, num_workers=2)
+    net = LeNet(3, 32, 10)
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
+    it = iter(loader)
+    for _ in range(50):  # warm-up: workers started, first batches loaded
+        next(it)
+    start = time.perf_counter()
+    for _ in range(batches):
+        inputs, labels = next(it)
+        optimizer.zero_grad()
+        loss = criterion(net(inputs), labels)
+        loss.backward()
+        optimizer.step()
+    return batches * 4 / (time.perf_counter() - start)
+
+
+# ---- ours -----------------------------------------------------------------------------------------
+
+def training_for(params, train, val, **overrides):
+    from imgclf.train import configure_torch, model_meta, new_training
+
+    cfg = dataclasses.replace(params.train, **overrides)
+    run_params = dataclasses.replace(params, train=cfg)
+    configure_torch(cfg)
+    meta = json.loads((Path(params.prepare.out_dir) / "meta.json").read_text())
+    return new_training(run_params, model_meta(run_params, meta), train, val, torch.device("cpu")), cfg
+
+
+def our_throughput(params, train, batch_size: int, images: int) -> float:
+    """Images/s of our loop training LeNet with the tutorial's optimizer, over `images` images."""
+    from imgclf.train import Arrays
+
+    subset = Arrays(train.images[:images], train.labels[:images])
+    tiny_val = Arrays(train.images[:1], train.labels[:1])
+    training, _ = training_for(params, subset, tiny_val, model="lenet", optimizer="sgd", lr=0.001, momentum=0.9,
+                               batch_size=batch_size, epochs=2)
+    training.run_epoch()  # warm-up
+    start = time.perf_counter()
+    training.run_epoch()
+    return images / (time.perf_counter() - start)
+
+
+class Reached(Exception):
+    pass
+
+
+def time_to_target(params, train, test, target: float, check_every: int = 5) -> tuple[float, int]:
+    """Training seconds (clock stopped while checking) until test accuracy >= target; and images seen."""
+    from imgclf.models import to_nchw
+    from imgclf.train import score
+
+    training, cfg = training_for(params, train, test, **TARGET_RECIPE)
+    x_test, y_test = to_nchw(test.images, torch.device("cpu")), torch.from_numpy(test.labels)
+    state = {"steps": 0, "elapsed": 0.0, "t0": time.perf_counter()}
+
+    def on_step() -> None:
+        state["steps"] += 1
+        if state["steps"] % check_every:
+            return
+        state["elapsed"] += time.perf_counter() - state["t0"]
+        _, accuracy = score(training.final_model, x_test, y_test, training.memory_format)
+        if accuracy >= target:
+            raise Reached(accuracy)
+        state["t0"] = time.perf_counter()
+
+    try:
+        while training.epoch < cfg.epochs:
+            training.run_epoch(on_step=on_step)
+    except Reached:
+        return state["elapsed"], state["steps"] * cfg.batch_size
+    return float("nan"), state["steps"] * cfg.batch_size
+
+
+def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def flops_per_image(model_name: str) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from imgclf.models import build
+
+    meta = {"model": model_name, "classes": [str(i) for i in range(10)], "image_size": 32, "channels": 3,
+            "mean": [0.5] * 3, "std": [0.25] * 3}
+    model = build(meta)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    with FlopCounterMode(display=False) as counter:
+        model(images).sum().backward()
+    return counter.get_total_flops() / 16
+
+
+def fast_preset(params, train, test, seed: int) -> tuple[float, float]:
+    """(test accuracy, training wall seconds) of the fast-cifar preset from scratch."""
+    from imgclf.models import to_nchw
+    from imgclf.train import score
+
+    preset = yaml.safe_load((REPO / "presets" / "fast-cifar.yaml").read_text())
+    start = time.perf_counter()
+    training, cfg = training_for(params, train, test, **{**preset, "seed": seed})
+    while training.epoch < cfg.epochs:
+        metrics = training.run_epoch()
+        log(f"    seed {seed} epoch {training.epoch}: {time.perf_counter() - start:.0f} s, "
+            f"train loss {metrics['train_loss']:.3f}, test accuracy {metrics['val_accuracy']:.4f}")
+    elapsed = time.perf_counter() - start
+    _, accuracy = score(training.final_model, to_nchw(test.images, torch.device("cpu")),
+                        torch.from_numpy(test.labels), training.memory_format)
+    return accuracy, elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
+    parser.add_argument("--parts", default="throughput,target,flops")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--tutorial-batches", type=int, default=1500, help="batches of 4 timed per repeat")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not args.archive.is_file():
+        raise SystemExit(f"{args.archive} is absent")
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, folder, params = prepare(args.archive.resolve(), Path(tmp))
+        params = dataclasses.replace(params, prepare=dataclasses.replace(params.prepare, out_dir=str(prepared)))
+        train, test = arrays(prepared, "train"), arrays(prepared, "test")
+        log(f"CIFAR-10 JPEG: {len(train.labels)} training, {len(test.labels)} test images; "
+            f"{len(os.sched_getaffinity(0))} CPU threads; torch {torch.__version__}\n")
+        rates: dict[str, list[float]] = {"tutorial": [], "ours, batch 4": [], "ours, batch 256": []}
+        if parts & {"throughput", "target", "flops"}:
+            for r in range(args.repeats):
+                rates["tutorial"].append(tutorial_throughput(folder / "train", args.tutorial_batches))
+                rates["ours, batch 4"].append(our_throughput(params, train, 4, 20_000))
+                rates["ours, batch 256"].append(our_throughput(params, train, 256, 50_000))
+                log(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()))
+            tutorial = statistics.median(rates["tutorial"])
+            log("\nthroughput, LeNet (median of %d; min-max)" % args.repeats)
+            for name, values in rates.items():
+                log(f"  {name:<18} {statistics.median(values):>8.0f} img/s ({min(values):.0f}-{max(values):.0f})"
+                    f"  {statistics.median(values) / tutorial:>6.1f}x the tutorial")
+        if "target" in parts:
+            tutorial_time = TUTORIAL_IMAGES / statistics.median(rates["tutorial"])
+            results = [time_to_target(params, train, test, TUTORIAL_ACCURACY) for _ in range(args.repeats)]
+            seconds = [s for s, _ in results]
+            log(f"\ntime to {TUTORIAL_ACCURACY:.1%} test accuracy (median of {args.repeats})")
+            log(f"  tutorial, 2 epochs (scaled from its throughput)  {tutorial_time:8.1f} s")
+            log(f"  ours ({TARGET_RECIPE['model']}, one-cycle)          {statistics.median(seconds):8.1f} s "
+                f"({min(seconds):.1f}-{max(seconds):.1f}; {statistics.median(i for _, i in results):.0f} images seen)"
+                f"  1/{tutorial_time / statistics.median(seconds):.0f} of the tutorial's time")
+        if "flops" in parts:
+            rate = matmul_rate()
+            log(f"\nachieved training FLOP/s against torch.matmul fp32 ({rate / 1e9:.0f} GFLOP/s here, now)")
+            lenet = flops_per_image("lenet") * statistics.median(rates["ours, batch 256"])
+            log(f"  lenet, batch 256      {lenet / 1e9:8.1f} GFLOP/s  {lenet / rate:6.1%}")
+            from imgclf.train import Arrays
+
+            subset = Arrays(train.images[:10240], train.labels[:10240])
+            training, cfg = training_for(params, subset, Arrays(test.images[:1], test.labels[:1]),
+                                         **yaml.safe_load((REPO / "presets" / "fast-cifar.yaml").read_text()))
+            training.run_epoch()
+            start = time.perf_counter()
+            training.run_epoch()
+            fast_rate = len(subset.labels) / (time.perf_counter() - start)
+            fast = flops_per_image(cfg.model) * fast_rate
+            log(f"  {cfg.model}, fast preset {fast / 1e9:8.1f} GFLOP/s  {fast / rate:6.1%}  ({fast_rate:.0f} img/s)")
+        if "fast" in parts:
+            log("\nfast-cifar preset, from scratch")
+            results = [fast_preset(params, train, test, seed) for seed in range(args.seeds)]
+            accuracies, times = [a for a, _ in results], [t for _, t in results]
+            log(f"  test accuracy: mean {statistics.mean(accuracies):.4f}, min {min(accuracies):.4f}, "
+                f"max {max(accuracies):.4f} (n={len(results)}); wall time: median {statistics.median(times) / 60:.1f} min "
+                f"({min(times) / 60:.1f}-{max(times) / 60:.1f})")
+
+
+if __name__ == "__main__":
+    main()

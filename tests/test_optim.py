@@ -1,0 +1,61 @@
+"""Optimizers and schedules: learning-rate multiples for BatchNorm biases, schedule shapes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import REPO
+from imgclf.config import load_params
+from imgclf.models import build
+from imgclf.optim import lr_factor, make_optimizer, make_scheduler
+
+TRAIN = load_params(REPO / "params.yaml").train
+META = {"model": "fastnet-s", "classes": list("abcdefghij"), "image_size": 32, "channels": 3,
+        "mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
+def test_every_optimizer_steps(name):
+    model = build(META)
+    optimizer = make_optimizer(model, dataclasses.replace(TRAIN, optimizer=name, lr=0.01))
+    before = model.net.head.weight.clone()
+    model(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.net.head.weight)
+
+
+def test_norm_biases_learn_faster_with_the_same_decay_per_step():
+    cfg = dataclasses.replace(TRAIN, optimizer="sgd", lr=0.5, weight_decay=1e-3, norm_bias_lr_scale=64.0)
+    model = build(META)
+    biases, others = make_optimizer(model, cfg).param_groups
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert {id(p) for p in biases["params"]} == norm_biases
+    assert biases["lr"] == 32.0 and others["lr"] == 0.5
+    assert biases["lr"] * biases["weight_decay"] == pytest.approx(others["lr"] * others["weight_decay"])
+    assert len(biases["params"]) + len(others["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("schedule, expected", [
+    ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("onecycle", [0.25, 0.5, 0.75, 1.0, 1.0, 0.75, 0.5, 0.25]),
+])
+def test_schedules(schedule, expected):
+    got = [lr_factor(step, 8, schedule, 0.5, 0.0) for step in range(8)]
+    assert got == pytest.approx(expected)
+    cosine = [lr_factor(step, 100, "cosine", 0.0, 0.1) for step in range(100)]
+    assert cosine[0] == pytest.approx(1.0) and cosine[-1] == pytest.approx(0.1, abs=0.01)
+    assert all(a >= b for a, b in zip(cosine, cosine[1:]))
+
+
+def test_scheduler_scales_every_group():
+    cfg = dataclasses.replace(TRAIN, optimizer="sgd", lr=1.0, norm_bias_lr_scale=10.0, schedule="onecycle",
+                              warmup_fraction=0.0, final_lr_fraction=0.0)
+    optimizer = make_optimizer(build(META), cfg)
+    scheduler = make_scheduler(optimizer, cfg, total_steps=10)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5.0, 0.5])
