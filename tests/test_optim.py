@@ -59,3 +59,22 @@ def test_scheduler_scales_every_group():
         optimizer.step()
         scheduler.step()
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5.0, 0.5])
+
+
+def test_micro_batches_accumulate_to_the_whole_batch():
+    """Without BatchNorm (LeNet), micro-batches give the same step as the whole batch."""
+    import numpy as np
+
+    from imgclf.train import Arrays, Training
+
+    rng = np.random.default_rng(0)
+    data = Arrays(rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 96))
+    weights = []
+    for micro in (0, 16):
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(TRAIN, model="lenet", optimizer="sgd", lr=0.05, batch_size=48, micro_batch=micro,
+                                  epochs=1)
+        training = Training(build({**META, "model": "lenet"}), data, data, cfg, torch.device("cpu"))
+        training.run_epoch()
+        weights.append(training.model.net.fc3.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)

@@ -189,12 +189,19 @@ class Training:
             images, target = self.x_train[index], self.y_train[index]
             if self.augment.active:
                 images = self.augment(images, self.augment_rng)
-            images = images.contiguous(memory_format=self.memory_format)
-            with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                logits = self.forward(images)
-                loss = self.loss_fn(logits.float(), target)
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            # Gradients of the whole batch, accumulated over micro-batches of train.micro_batch images.
+            loss = torch.zeros((), device=device)
+            size = cfg.micro_batch or len(index)
+            for start in range(0, len(index), size):
+                part = images[start:start + size].contiguous(memory_format=self.memory_format)
+                part_target = target[start:start + size]
+                with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                    logits = self.forward(part)
+                    part_loss = self.loss_fn(logits.float(), part_target) * (len(part) / len(index))
+                self.scaler.scale(part_loss).backward()
+                loss += part_loss.detach()
+                correct += (logits.argmax(1) == part_target).sum()
             if cfg.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
@@ -206,10 +213,8 @@ class Training:
                 if cfg.lookahead and step % LOOKAHEAD_EVERY == 0:
                     # Lookahead: the weights being trained jump back to their running average.
                     self.model.load_state_dict(self.ema.module.state_dict())
-            loss = loss.detach()
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             loss_sum += loss * len(index)
-            correct += (logits.argmax(1) == target).sum()
             if step % DIVERGENCE_CHECK_EVERY == 0 or step == len(batches):
                 if (bad := int(first_bad)) >= 0:
                     raise Diverged(f"training diverged: the loss is not finite at epoch {self.epoch}, step {bad} "
