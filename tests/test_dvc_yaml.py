@@ -74,4 +74,13 @@ def test_every_templated_key_and_param_exists():
         lookup(key.strip())
     for stage in STAGES.values():
         for param in stage.get("params", []):
-            lookup(param)
+            if isinstance(param, dict):  # a whole params file: {path: null}
+                (path,) = param
+                assert (REPO / path).is_file(), path
+            else:
+                lookup(param)
+
+
+def test_every_preset_is_a_param_of_the_train_stage():
+    files = {next(iter(p)) for p in STAGES["train"]["params"] if isinstance(p, dict)}
+    assert files == {f"presets/{p.name}" for p in (REPO / "presets").glob("*.yaml")}

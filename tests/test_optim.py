@@ -30,7 +30,7 @@ def test_every_optimizer_steps(name):
 def test_norm_biases_learn_faster_with_the_same_decay_per_step():
     cfg = dataclasses.replace(TRAIN, optimizer="sgd", lr=0.5, weight_decay=1e-3, norm_bias_lr_scale=64.0)
     model = build(META)
-    biases, others = make_optimizer(model, cfg).param_groups
+    others, biases = make_optimizer(model, cfg).param_groups
     norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert {id(p) for p in biases["params"]} == norm_biases
     assert biases["lr"] == 32.0 and others["lr"] == 0.5
@@ -58,7 +58,7 @@ def test_scheduler_scales_every_group():
     for _ in range(5):
         optimizer.step()
         scheduler.step()
-    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([5.0, 0.5])
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.5, 5.0])
 
 
 def test_micro_batches_accumulate_to_the_whole_batch():

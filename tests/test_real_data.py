@@ -58,3 +58,24 @@ def test_the_run_records_the_data_version(mini_experiment):
     assert dataset_input.dataset.digest == raw_md5 and dataset_input.dataset.name == "cifar10-jpg-mini"
     artifacts = {a.path for a in client.list_artifacts(receipt["run_id"], "data")}
     assert "data/report.json" in artifacts
+
+
+def test_readme_fast_cifar_command_runs_the_preset(tmp_path):
+    """The README's fast-cifar line, on the 1,200-image slice and for one epoch (the full run takes
+    about 15 minutes: bench/training.py measures it)."""
+    if not MINI.is_file():
+        pytest.skip(f"{MINI} is absent (set IMGCLF_DATASETS to the folder holding cifar10-jpg-mini.tar.gz)")
+    from conftest import readme_command
+
+    root = fresh_copy(tmp_path / "project")
+    command = readme_command("dvc exp run -S train.preset=fast-cifar")
+    # A preset's own keys are changed in its file: `-S presets/<name>.yaml:<key>=<value>`.
+    command = command.replace("../shared/datasets/cifar10-jpg.tar.gz", str(MINI)) + " -S presets/fast-cifar.yaml:epochs=1"
+    run(command, root)
+    receipt = json.loads((root / "models/registration.json").read_text())
+    assert receipt["model_name"] == "cifar10-jpg-mini-fastnet"
+    params = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(receipt["run_id"]).data.params
+    preset = yaml.safe_load((root / "presets" / "fast-cifar.yaml").read_text())
+    for key in ("model", "lr", "batch_size", "lookahead", "norm_bias_lr_scale"):
+        assert params[f"train.{key}"] == str(preset[key]), key
+    assert params["train.preset"] == "fast-cifar" and params["train.epochs"] == "1"

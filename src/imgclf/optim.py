@@ -20,9 +20,9 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     if cfg.norm_bias_lr_scale == 1.0 or not norm_biases:
         return [{"params": list(model.parameters())}]
     scale = cfg.norm_bias_lr_scale
-    return [{"params": [p for p in model.parameters() if id(p) in norm_biases], "lr": cfg.lr * scale,
-             "weight_decay": cfg.weight_decay / scale},
-            {"params": [p for p in model.parameters() if id(p) not in norm_biases]}]
+    return [{"params": [p for p in model.parameters() if id(p) not in norm_biases]},
+            {"params": [p for p in model.parameters() if id(p) in norm_biases], "lr": cfg.lr * scale,
+             "weight_decay": cfg.weight_decay / scale}]
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
