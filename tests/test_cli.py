@@ -33,10 +33,14 @@ def test_lineage_answers_which_data_and_code_made_the_champion(built_project):
     assert info["params"]["train.model"] == "lenet"
 
 
-def test_lineage_of_an_unknown_model_is_a_clear_error(built_project):
+@pytest.mark.parametrize("tool", ["lineage", "predict", "export"])
+def test_an_unknown_model_is_a_clear_error(built_project, tmp_path, tool):
     root, _ = built_project
-    proc = run(["python", "-m", "imgclf.lineage", "models:/no-such-model@champion"], root, check=False)
+    args = {"lineage": [], "predict": [str(tmp_path), "--out", str(tmp_path / "p.csv")],
+            "export": ["--out", str(tmp_path / "m.onnx")]}[tool]
+    proc = run(["python", "-m", f"imgclf.{tool}", "models:/no-such-model@champion", *args], root, check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
+    assert "no-such-model" in proc.stderr and list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture(scope="module")

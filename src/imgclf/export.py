@@ -70,17 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted difference")
     args = parser.parse_args(argv)
 
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    from imgclf.serving import load_registered
 
-    from imgclf.tracking import StoreUnavailable, use_store
-
-    try:
-        use_store()
-        python_model = mlflow.pyfunc.load_model(args.model_uri).unwrap_python_model()
-    except (MlflowException, StoreUnavailable, OSError) as exc:
-        print(f"error: cannot load {args.model_uri}: {getattr(exc, 'message', exc)}", file=sys.stderr)
-        raise SystemExit(1) from None
+    python_model = load_registered(args.model_uri)
     meta = python_model.meta
     rng = np.random.default_rng(0)
     batch = rng.integers(0, 256, (8, meta["image_size"], meta["image_size"], meta["channels"]), dtype=np.uint8)

@@ -91,22 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
 
-    import mlflow
-    from mlflow.exceptions import MlflowException
     from tqdm import tqdm
 
-    from imgclf.serving import ImageClassifier
-    from imgclf.tracking import StoreUnavailable, use_store
+    from imgclf.serving import load_registered
 
-    try:
-        use_store()
-        model = mlflow.pyfunc.load_model(args.model_uri).unwrap_python_model()
-    except (MlflowException, StoreUnavailable, OSError) as exc:
-        print(f"error: cannot load {args.model_uri}: {getattr(exc, 'message', exc)}", file=sys.stderr)
-        raise SystemExit(1) from None
-    if not isinstance(model, ImageClassifier):
-        print(f"error: {args.model_uri} is not an image classifier of this project", file=sys.stderr)
-        raise SystemExit(1)
+    model = load_registered(args.model_uri)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "class", "probability", "top_k", "error"])

@@ -171,6 +171,25 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             raise MlflowException(exc.message, error_code=INVALID_PARAMETER_VALUE) from None
 
 
+def load_registered(model_uri: str) -> ImageClassifier:
+    """The image classifier behind a model URI (`models:/<name>@champion`, ...), for the command-line
+    tools; SystemExit(1) saying why when there is none."""
+    import sys
+
+    from imgclf.tracking import StoreUnavailable, use_store
+
+    try:
+        use_store()
+        model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except (MlflowException, StoreUnavailable, OSError) as exc:
+        print(f"error: cannot load {model_uri}: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if not isinstance(model, ImageClassifier):
+        print(f"error: {model_uri} is not an image classifier of this project", file=sys.stderr)
+        raise SystemExit(1)
+    return model
+
+
 def guarded_invocations(data: bytes, content_type: str | None, model, input_schema):
     """Stands in for mlflow.pyfunc.scoring_server.invocations when it serves an ImageClassifier."""
     from mlflow.pyfunc.scoring_server import InvocationsResponse
