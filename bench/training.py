@@ -210,6 +210,7 @@ def fast_preset(params, train, val, test, preset: str, seed: int) -> tuple[float
     elapsed = time.perf_counter() - start
     _, accuracy = score(training.final_model, to_nchw(test.images, torch.device("cpu")),
                         torch.from_numpy(test.labels), training.memory_format)
+    log(f"    seed {seed}: test accuracy {accuracy:.4f}")
     return accuracy, elapsed
 
 
