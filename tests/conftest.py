@@ -72,6 +72,14 @@ def readme_command(prefix: str) -> str:
     return re.sub(r"\s+", " ", lines[0].split("  #")[0])
 
 
+def readme_block(language: str, containing: str) -> str:
+    """The README's fenced `language` code block that contains `containing`."""
+    blocks = re.findall(rf"```{language}\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    found = [b for b in blocks if containing in b]
+    assert found, f"README shows no {language} block containing {containing!r}"
+    return found[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

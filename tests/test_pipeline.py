@@ -6,14 +6,16 @@ These tests share one built project (see conftest.built_project) and only read i
 from __future__ import annotations
 
 import json
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from conftest import free_port, run
+from conftest import free_port, fresh_copy, readme_command, run
 
 pytestmark = pytest.mark.integration
 
@@ -32,6 +34,19 @@ def test_first_repro_runs_every_stage(built_project):
                  "models/model.json", "metrics/test.json", "metrics/predictions.csv", "metrics/confusion.png",
                  "models/registration.json", "dvc.lock"):
         assert (root / path).is_file(), path
+
+
+def test_readme_make_run_runs_the_pipeline(tmp_path):
+    """README: `make run` builds the environment and runs `dvc repro`; here with the environment the
+    tests run in (made by `make`), so that nothing is installed twice."""
+    venv = Path(sys.prefix)
+    if not (venv / ".installed").is_file():
+        pytest.skip(f"{venv} was not made by `make` (no .installed marker), so `make run` would rebuild it")
+    root = fresh_copy(tmp_path / "project")
+    command = readme_command("make run") + f" VENV={venv}"
+    proc = run(command, root)
+    assert "Running stage 'register'" in proc.stdout
+    assert json.loads((root / "models/registration.json").read_text())["champion"] is True
 
 
 def test_second_repro_runs_nothing(built_project):

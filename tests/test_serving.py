@@ -13,7 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import free_port, project_env, readme_command, run
+from conftest import free_port, project_env, readme_block, readme_command, run
 from imgclf.images import encode_png
 
 pytestmark = pytest.mark.integration
@@ -203,3 +203,11 @@ def test_readme_curl_classifies_the_example_image(server):
     body = json.loads(run(command, root).stdout)
     (prediction,) = body["predictions"]
     assert prediction["class"] == "3"  # examples/digit-3.png
+
+
+def test_readme_python_client_classifies_the_example_image(server):
+    root, _, port = server
+    code = readme_block("python", "/invocations").replace("localhost:5001", f"localhost:{port}")
+    assert f"localhost:{port}" in code
+    printed = run(["python", "-c", code], root).stdout
+    assert "'class': '3'" in printed  # examples/digit-3.png
