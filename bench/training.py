@@ -220,6 +220,7 @@ def main() -> None:
     parser.add_argument("--parts", default="throughput,target,flops")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed, first-seed + 1, ...")
     parser.add_argument("--preset", default="fast-cifar")
     parser.add_argument("--tutorial-batches", type=int, default=1500, help="batches of 4 timed per repeat")
     args = parser.parse_args()
@@ -273,8 +274,9 @@ def main() -> None:
         if "fast" in parts:
             log(f"\n{args.preset} preset, from scratch")
             val = arrays(prepared, "val")
-            results = [fast_preset(params, train, val, test, args.preset, seed) for seed in range(args.seeds)]
-            for seed, (accuracy, seconds) in enumerate(results):
+            seeds = range(args.first_seed, args.first_seed + args.seeds)
+            results = [fast_preset(params, train, val, test, args.preset, seed) for seed in seeds]
+            for seed, (accuracy, seconds) in zip(seeds, results):
                 log(f"  seed {seed}: test accuracy {accuracy:.4f}, {seconds / 60:.1f} min")
             accuracies, times = [a for a, _ in results], [t for _, t in results]
             log(f"  test accuracy: mean {statistics.mean(accuracies):.4f}, min {min(accuracies):.4f}, "
