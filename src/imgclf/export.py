@@ -39,7 +39,7 @@ def export(model: Classifier, meta: dict, out: Path, batch: np.ndarray, toleranc
     import onnx
     import onnxruntime
 
-    module = Probabilities(model.eval().cpu())
+    module = Probabilities(model.cpu()).eval()
     example = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).contiguous()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
