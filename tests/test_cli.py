@@ -45,7 +45,7 @@ def test_an_unknown_model_is_a_clear_error(built_project, tmp_path, tool):
 
 @pytest.fixture(scope="module")
 def photos(built_project, tmp_path_factory):
-    """A folder of the test images as PNG files, plus a file that is not an image."""
+    """A folder of the test images as PNG files, plus a file that is not an image and hidden files."""
     root, _ = built_project
     folder = tmp_path_factory.mktemp("photos") / "photos"
     folder.mkdir()
@@ -53,6 +53,10 @@ def photos(built_project, tmp_path_factory):
     for i, image in enumerate(images):
         (folder / f"{i:03d}.png").write_bytes(encode_png(image))
     (folder / "notes.txt").write_text("not an image")
+    # Hidden files and macOS metadata are left out, not reported as failures.
+    (folder / ".DS_Store").write_bytes(b"\0" * 16)
+    (folder / "__MACOSX").mkdir()
+    (folder / "__MACOSX" / "._000.png").write_bytes(b"\0" * 16)
     with open(root / "metrics/predictions.csv") as f:
         expected = [row["predicted"] for row in csv.DictReader(f)][:40]
     return folder, expected

@@ -149,6 +149,12 @@ def _hidden(parts: tuple[str, ...]) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
+def hidden(name: str) -> bool:
+    """Whether a relative path or archive name is a hidden file or system metadata (`.DS_Store`,
+    `__MACOSX/...`), which is never data."""
+    return _hidden(_parts(name))
+
+
 def list_entries(files: list[str], folders: list[str]) -> Listing:
     """Map archive paths to (split, class); collect what cannot be used. Entries keep the names as
     the archive spells them, sorted."""

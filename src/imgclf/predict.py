@@ -26,18 +26,17 @@ from imgclf.files import write_bytes
 
 def iter_files(source: Path) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of every file in a folder (sorted) or archive, hidden files left out."""
-    from imgclf.imagefolder import Archive, archive_suffix
+    from imgclf.imagefolder import Archive, archive_suffix, hidden
 
     if source.is_dir():
         for path in sorted(p for p in source.rglob("*") if p.is_file()):
-            relative = path.relative_to(source)
-            if not any(part.startswith(".") for part in relative.parts):
-                yield relative.as_posix(), path.read_bytes()
+            relative = path.relative_to(source).as_posix()
+            if not hidden(relative):
+                yield relative, path.read_bytes()
     elif source.is_file() and archive_suffix(source):
         archive = Archive(source)
         files, _ = archive.listing()
-        wanted = {f for f in files if not any(p.startswith(".") or p == "__MACOSX" for p in f.split("/"))}
-        yield from archive.read(wanted)
+        yield from archive.read({f for f in files if not hidden(f)})
     else:
         raise ValueError(f"{source}: not a folder or a .tar/.tar.gz/.zip archive")
 
