@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imgclf.augment import Augment, cutout, flip, translate
+from imgclf.augment import AlternatingFlip, Augment, cutout, flip, translate
 
 
 def batch(n: int = 16) -> torch.Tensor:
@@ -44,3 +44,16 @@ def test_cutout_zeroes_one_square_at_most_size_squared():
     out = cutout(images, 6, torch.Generator().manual_seed(0))
     zeroed = (out == 0).all(dim=1).flatten(1).sum(1)
     assert (zeroed <= 36).all() and (zeroed > 0).all()
+
+
+def test_alternating_flip_mirrors_each_image_in_every_other_epoch():
+    flips = AlternatingFlip(1000, seed=3)
+    index = torch.randperm(1000)[:256]
+    odd, even = flips.mask(1, index), flips.mask(2, index)
+    assert torch.equal(odd, ~even) and torch.equal(odd, flips.mask(3, index))
+    assert 90 < int(odd.sum()) < 166  # about half
+    assert torch.equal(odd, AlternatingFlip(1000, seed=3).mask(1, index))  # the seed fixes the halves
+    images = batch(256)
+    out = Augment(flip=True)(images, torch.Generator().manual_seed(0), flip_mask=odd)
+    for o, i, m in zip(out, images, odd):
+        assert torch.equal(o, i.flip(2) if m else i)

@@ -138,3 +138,18 @@ def test_tta_flip_averages_an_image_and_its_mirror():
     torch.testing.assert_close(model(images), 0.5 * (model.net(x) + model.net(x.flip(3))))
     model.train()
     torch.testing.assert_close(model(images), model.net(x))  # never while training
+
+
+def test_tta_translate_adds_views_shifted_up_left_and_down_right():
+    torch.manual_seed(0)
+    model = build({**meta_for("lenet"), "tta_flip": True, "tta_translate": 1}).eval()
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    x = model.normalise(images)
+
+    def mirrored(v):
+        return 0.5 * (model.net(v) + model.net(v.flip(3)))
+
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    expected = 0.5 * mirrored(x) + 0.25 * (mirrored(padded[:, :, :32, :32]) + mirrored(padded[:, :, 2:, 2:]))
+    torch.testing.assert_close(model(images), expected)
+    assert not torch.allclose(model(images), mirrored(x))

@@ -52,7 +52,8 @@ def workdir(tmp_path, prepared) -> Path:
 @pytest.mark.parametrize("train", [
     dict(model="lenet", epochs=3, flip=True, translate=2, cutout=4, ema_decay=0.9, label_smoothing=0.1),
     dict(model="fastnet-s", epochs=1, batch_size=128, optimizer="sgd", nesterov=True, lr=0.2,
-         schedule="onecycle", warmup_fraction=0.2, flip=True, translate=2, tta_flip=True),
+         schedule="onecycle", warmup_fraction=0.2, flip=True, alternate_flip=True, translate=2, tta_flip=True,
+         tta_translate=1, whiten_bias_epochs=1),
 ])
 def test_training_twice_from_scratch_gives_identical_weights(tmp_path, prepared, train):
     hashes, metrics = [], []

@@ -23,11 +23,13 @@ class Augment:
     def active(self) -> bool:
         return self.flip or self.translate > 0 or self.cutout > 0
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator,
+                 flip_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`flip_mask` (bool, one per image) says which images to mirror instead of drawing it at random."""
         if self.translate:
             images = translate(images, self.translate, generator)
         if self.flip:
-            images = flip(images, generator)
+            images = flip(images, generator) if flip_mask is None else mirror(images, flip_mask)
         if self.cutout:
             images = cutout(images, self.cutout, generator)
         return images
@@ -39,8 +41,27 @@ def _uniform_ints(high: int, n: int, generator: torch.Generator, device: torch.d
 
 
 def flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    mask = _uniform_ints(2, len(images), generator, images.device).bool().view(-1, 1, 1, 1)
-    return torch.where(mask, images.flip(3), images)
+    return mirror(images, _uniform_ints(2, len(images), generator, images.device).bool())
+
+
+def mirror(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images where `mask` (N,) is true."""
+    return torch.where(mask.to(images.device).view(-1, 1, 1, 1), images.flip(3), images)
+
+
+class AlternatingFlip:
+    """Which training images to mirror in each epoch: a random half in odd epochs and the other half in
+    even ones, so every image is seen both ways in any two consecutive epochs (airbench's alternating
+    flip, K. Jordan 2024: more varied than flipping each time at random). The halves come from `seed`
+    alone, so a resumed run flips the same images as an uninterrupted one."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.first = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).bool()
+
+    def mask(self, epoch: int, index: torch.Tensor) -> torch.Tensor:
+        """The flip mask of the images at `index` in `epoch` (1-based)."""
+        chosen = self.first.to(index.device)[index]
+        return chosen if epoch % 2 == 1 else ~chosen
 
 
 def translate(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:

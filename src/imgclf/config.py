@@ -121,9 +121,14 @@ class TrainConfig:
     # Saves memory and, on CPUs, time (smaller activations stay in cache); BatchNorm sees micro-batches.
     micro_batch: int = _bounded(ge=0)
     flip: bool
+    alternate_flip: bool  # with flip: mirror each image in every other epoch instead of at random
     translate: int = _bounded(ge=0, le=16)
     cutout: int = _bounded(ge=0)
     tta_flip: bool
+    tta_translate: int = _bounded(ge=0, le=4)  # also average views shifted this many pixels; 0 = off
+    # fastnet: train the whitening layer's bias for this many epochs, then freeze it (saves a backward
+    # pass through the first convolution); 0 = train it throughout.
+    whiten_bias_epochs: int = _bounded(ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     channels_last: bool
     compile: bool
@@ -140,6 +145,8 @@ class TrainConfig:
             raise ConfigError("train.pretrained: only torchvision:<name> models load pretrained weights")
         if self.lookahead and not self.ema_decay:
             raise ConfigError("train.lookahead: needs train.ema_decay > 0 (the average it looks ahead to)")
+        if self.alternate_flip and not self.flip:
+            raise ConfigError("train.alternate_flip: needs train.flip: true (it says how to flip)")
         if self.freeze_epochs and self.pretrained is None:
             raise ConfigError("train.freeze_epochs: needs train.pretrained (a fresh model has no backbone to keep)")
 

@@ -48,7 +48,7 @@ def export(model: Classifier, meta: dict, out: Path, batch: np.ndarray, toleranc
                                     dynamo=True, verbose=False)
         program.save(str(path))
         graph = onnx.load(str(path))
-        for key in ("classes", "image_size", "channels", "mean", "std", "tta_flip"):
+        for key in ("classes", "image_size", "channels", "mean", "std", "tta_flip", "tta_translate"):
             entry = graph.metadata_props.add()
             entry.key, entry.value = key, json.dumps(meta.get(key))
         data = graph.SerializeToString()

@@ -194,12 +194,15 @@ class Classifier(nn.Module):
     training, evaluation and serving cannot disagree about it."""
 
     def __init__(self, net: nn.Module, mean: list[float], std: list[float], num_classes: int,
-                 tta_flip: bool = False) -> None:
+                 tta_flip: bool = False, tta_translate: int = 0) -> None:
         super().__init__()
         self.net = net
         self.num_classes = num_classes
-        # Test-time augmentation: in eval mode, average the logits of each image and its mirror image.
+        # Test-time augmentation, in eval mode only: average the logits of each image and its mirror
+        # image (tta_flip); with tta_translate = p, weigh those 1/2 and give 1/4 each to the same views
+        # shifted by p pixels up-left and down-right (airbench's "level 2" test-time augmentation).
         self.tta_flip = tta_flip
+        self.tta_translate = tta_translate
         # Buffers so they are saved with the weights; shaped to broadcast over (N, C, H, W).
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
@@ -209,9 +212,19 @@ class Classifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalise(images)
-        if self.tta_flip and not self.training:
-            return 0.5 * (self.net(x) + self.net(x.flip(3)))
-        return self.net(x)
+        if self.training:
+            return self.net(x)
+        logits = self._views(x)
+        if self.tta_translate:
+            p = self.tta_translate
+            h, w = x.shape[2:]
+            padded = F.pad(x, (p, p, p, p), mode="reflect")
+            shifted = self._views(padded[:, :, :h, :w]) + self._views(padded[:, :, 2 * p:, 2 * p:])
+            logits = 0.5 * logits + 0.25 * shifted
+        return logits
+
+    def _views(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (self.net(x) + self.net(x.flip(3))) if self.tta_flip else self.net(x)
 
 
 def build(meta: dict[str, Any], pretrained: str | None = None) -> Classifier:
@@ -223,7 +236,8 @@ def build(meta: dict[str, Any], pretrained: str | None = None) -> Classifier:
         net = MODELS[name](meta["channels"], meta["image_size"], classes)
     else:
         raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)}, {TORCHVISION}<name>)")
-    return Classifier(net, meta["mean"], meta["std"], classes, tta_flip=meta.get("tta_flip", False))
+    return Classifier(net, meta["mean"], meta["std"], classes, tta_flip=meta.get("tta_flip", False),
+                      tta_translate=meta.get("tta_translate", 0))
 
 
 def save_checkpoint(model: Classifier, meta: dict[str, Any], out_dir: str | Path) -> None:

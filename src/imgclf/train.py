@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from imgclf import checkpoint
-from imgclf.augment import Augment
+from imgclf.augment import AlternatingFlip, Augment
 from imgclf.config import Params, TrainConfig, as_flat_dict, stage_params
 from imgclf.files import write_bytes, write_json
 from imgclf.models import (
@@ -116,6 +116,10 @@ class Training:
         self.order = torch.Generator().manual_seed(cfg.seed)
         self.augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.augment = Augment(flip=cfg.flip, translate=cfg.translate, cutout=cfg.cutout)
+        self.alternating_flip = AlternatingFlip(len(self.x_train), cfg.seed + 2) if cfg.alternate_flip else None
+        # fastnet's whitening bias, trained for the first train.whiten_bias_epochs epochs only.
+        whiten = getattr(model.net, "whiten", None)
+        self.whiten_bias = whiten.bias if cfg.whiten_bias_epochs and whiten is not None else None
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.head = {id(p) for p in head_parameters(model.net)} if cfg.freeze_epochs else set()
@@ -180,6 +184,8 @@ class Training:
         self.epoch += 1
         if self.head:
             self._set_frozen(self.epoch <= cfg.freeze_epochs)
+        if self.whiten_bias is not None:
+            self.whiten_bias.requires_grad_(self.epoch <= cfg.whiten_bias_epochs)
         self.model.train()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -188,7 +194,8 @@ class Training:
         for step, index in enumerate(batches, start=1):
             images, target = self.x_train[index], self.y_train[index]
             if self.augment.active:
-                images = self.augment(images, self.augment_rng)
+                flips = self.alternating_flip.mask(self.epoch, index) if self.alternating_flip else None
+                images = self.augment(images, self.augment_rng, flip_mask=flips)
             self.optimizer.zero_grad(set_to_none=True)
             # Gradients of the whole batch, accumulated over micro-batches of train.micro_batch images.
             loss = torch.zeros((), device=device)
@@ -260,7 +267,7 @@ def model_meta(params: Params, data_meta: dict) -> dict:
     """What travels with the checkpoint: architecture, classes, input shape, normalisation."""
     cfg = params.train
     meta = {"model": cfg.model, **{k: data_meta[k] for k in ("classes", "image_size", "channels", "mean", "std")},
-            "tta_flip": cfg.tta_flip}
+            "tta_flip": cfg.tta_flip, "tta_translate": cfg.tta_translate}
     if cfg.model.startswith(TORCHVISION) and cfg.pretrained is not None:
         # Fine-tuning keeps the normalisation the pretrained weights were trained with.
         meta["mean"], meta["std"] = IMAGENET_MEAN, IMAGENET_STD
