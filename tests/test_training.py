@@ -1,4 +1,5 @@
-"""The training loop's airbench pieces, in process on random data: the whitening bias freezes on time."""
+"""The training loop's airbench pieces, in process on random data: the whitening bias freezes on time,
+lookahead resets the weights to their average every 5 steps."""
 
 from __future__ import annotations
 
@@ -18,24 +19,50 @@ def random_split(n: int, seed: int) -> Arrays:
     return Arrays(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n))
 
 
-def test_whitening_bias_learns_only_for_its_epochs():
+def training(n: int, **train) -> Training:
     cfg = dataclasses.replace(load_params(REPO / "params.yaml").train, model="fastnet-s", optimizer="sgd", lr=0.05,
-                              batch_size=32, epochs=3, whiten_bias_epochs=1, flip=True, alternate_flip=True,
-                              translate=2)
+                              **train)
     torch.manual_seed(0)
     model = build({"model": "fastnet-s", "classes": [str(i) for i in range(10)], "image_size": 32,
                    "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3})
-    training = Training(model, random_split(64, 0), random_split(16, 1), cfg, torch.device("cpu"))
+    return Training(model, random_split(n, 0), random_split(16, 1), cfg, torch.device("cpu"))
+
+
+def test_whitening_bias_learns_only_for_its_epochs():
+    training_ = training(64, batch_size=32, epochs=3, whiten_bias_epochs=1, flip=True, alternate_flip=True,
+                         translate=2)
+    model = training_.model
     bias, head = model.net.whiten.bias, model.net.head.weight
 
     def snapshot():
         return bias.detach().clone(), head.detach().clone()
 
     before = snapshot()
-    training.run_epoch()
+    training_.run_epoch()
     after_first = snapshot()
     assert not torch.equal(before[0], after_first[0]) and not torch.equal(before[1], after_first[1])
-    training.run_epoch()
+    training_.run_epoch()
     after_second = snapshot()
     assert torch.equal(after_first[0], after_second[0])  # frozen from epoch 2 on
     assert not torch.equal(after_first[1], after_second[1])  # the rest still learns
+
+
+def test_lookahead_resets_the_weights_to_their_average_every_five_steps():
+    run = training(56, batch_size=8, epochs=2, ema_decay=0.95, lookahead=True)  # 7 steps an epoch
+    initial = [p.detach().clone() for p in run.model.parameters()]
+    seen = []
+
+    def on_step():
+        same = all(torch.equal(a, b) for a, b in zip(run.model.parameters(), run.ema.module.parameters()))
+        seen.append(same)
+
+    run.run_epoch(on_step)
+    assert seen == [False, False, False, False, True, False, False]  # reset after step 5 only
+    averaged = list(run.final_model.parameters())
+    assert not all(torch.equal(a, b) for a, b in zip(averaged, initial))  # the average has moved
+
+
+def test_lookahead_in_a_run_shorter_than_five_steps_still_returns_trained_weights():
+    run = training(16, batch_size=8, epochs=1, ema_decay=0.95, lookahead=True)  # 2 steps in all
+    run.run_epoch()
+    assert all(torch.equal(a, b) for a, b in zip(run.final_model.parameters(), run.model.parameters()))

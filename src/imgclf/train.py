@@ -128,12 +128,13 @@ class Training:
         self.history: list[dict[str, float]] = []
 
     def _ema_decay_now(self) -> float:
-        """train.ema_decay; with lookahead, ramped up as (progress)^3 (move fast early, average
+        """train.ema_decay per step. With lookahead the average is updated every LOOKAHEAD_EVERY steps,
+        so its decay is that of as many steps, ramped up as progress^3 (move fast early, average
         strongly late), as in airbench (K. Jordan, 2024)."""
         if not self.cfg.lookahead:
             return self.cfg.ema_decay
         done = self.scheduler.last_epoch / (self.cfg.epochs * self.steps_per_epoch)
-        return self.cfg.ema_decay * done**3
+        return self.cfg.ema_decay**LOOKAHEAD_EVERY * done**3
 
     @torch.no_grad()
     def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], count) -> None:
@@ -215,11 +216,13 @@ class Training:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
-            if self.ema is not None:
+            if self.ema is not None and not cfg.lookahead:
                 self.ema.update_parameters(self.model)
-                if cfg.lookahead and step % LOOKAHEAD_EVERY == 0:
-                    # Lookahead: the weights being trained jump back to their running average.
-                    self.model.load_state_dict(self.ema.module.state_dict())
+            elif self.ema is not None and self.scheduler.last_epoch % LOOKAHEAD_EVERY == 0:
+                # Lookahead: the average takes a step towards the weights being trained, which then
+                # jump back to it.
+                self.ema.update_parameters(self.model)
+                self.model.load_state_dict(self.ema.module.state_dict())
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
             loss_sum += loss * len(index)
             if step % DIVERGENCE_CHECK_EVERY == 0 or step == len(batches):
@@ -228,6 +231,8 @@ class Training:
                                    f"of {len(batches)}; nothing was saved for this epoch (lower train.lr, or "
                                    "set train.grad_clip)")
             on_step()
+        if self.ema is not None and cfg.lookahead and int(self.ema.n_averaged) == 0:
+            self.ema.update_parameters(self.model)  # fewer steps than LOOKAHEAD_EVERY so far: start the average
         val_loss, val_accuracy = score(self.final_model, self.x_val, self.y_val, self.memory_format)
         metrics = {"train_loss": loss_sum.item() / len(self.x_train),
                    "train_accuracy": correct.item() / len(self.x_train),
