@@ -19,7 +19,7 @@ def random_split(n: int, seed: int) -> Arrays:
     return Arrays(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n))
 
 
-def training(n: int, **train) -> Training:
+def make_training(n: int, **train) -> Training:
     cfg = dataclasses.replace(load_params(REPO / "params.yaml").train, model="fastnet-s", optimizer="sgd", lr=0.05,
                               **train)
     torch.manual_seed(0)
@@ -29,26 +29,26 @@ def training(n: int, **train) -> Training:
 
 
 def test_whitening_bias_learns_only_for_its_epochs():
-    training_ = training(64, batch_size=32, epochs=3, whiten_bias_epochs=1, flip=True, alternate_flip=True,
+    run = make_training(64, batch_size=32, epochs=3, whiten_bias_epochs=1, flip=True, alternate_flip=True,
                          translate=2)
-    model = training_.model
+    model = run.model
     bias, head = model.net.whiten.bias, model.net.head.weight
 
     def snapshot():
         return bias.detach().clone(), head.detach().clone()
 
     before = snapshot()
-    training_.run_epoch()
+    run.run_epoch()
     after_first = snapshot()
     assert not torch.equal(before[0], after_first[0]) and not torch.equal(before[1], after_first[1])
-    training_.run_epoch()
+    run.run_epoch()
     after_second = snapshot()
     assert torch.equal(after_first[0], after_second[0])  # frozen from epoch 2 on
     assert not torch.equal(after_first[1], after_second[1])  # the rest still learns
 
 
 def test_lookahead_resets_the_weights_to_their_average_every_five_steps():
-    run = training(56, batch_size=8, epochs=2, ema_decay=0.95, lookahead=True)  # 7 steps an epoch
+    run = make_training(56, batch_size=8, epochs=2, ema_decay=0.95, lookahead=True)  # 7 steps an epoch
     initial = [p.detach().clone() for p in run.model.parameters()]
     seen = []
 
@@ -63,6 +63,6 @@ def test_lookahead_resets_the_weights_to_their_average_every_five_steps():
 
 
 def test_lookahead_in_a_run_shorter_than_five_steps_still_returns_trained_weights():
-    run = training(16, batch_size=8, epochs=1, ema_decay=0.95, lookahead=True)  # 2 steps in all
+    run = make_training(16, batch_size=8, epochs=1, ema_decay=0.95, lookahead=True)  # 2 steps in all
     run.run_epoch()
     assert all(torch.equal(a, b) for a, b in zip(run.final_model.parameters(), run.model.parameters()))
