@@ -105,3 +105,21 @@ def test_onnx_export_matches_pytorch(built_project, tmp_path):
     np.testing.assert_allclose(probs.max(1), [float(row["probability"]) for row in rows], atol=1e-4)
     metadata = session.get_modelmeta().custom_metadata_map
     assert json.loads(metadata["classes"]) == classes
+
+
+def test_onnx_export_of_fastnet_keeps_its_test_time_augmentation(tmp_path):
+    import onnx
+    import torch
+
+    from imgclf.export import export
+    from imgclf.models import build
+
+    torch.manual_seed(0)
+    meta = {"model": "fastnet-s", "classes": [str(i) for i in range(10)], "image_size": 32, "channels": 3,
+            "mean": [0.5] * 3, "std": [0.25] * 3, "tta_flip": True, "tta_translate": 1}
+    model = build(meta).eval()
+    batch = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    out = tmp_path / "fastnet.onnx"
+    assert export(model, meta, out, batch) < 1e-4  # onnxruntime agrees with the 6-view PyTorch model
+    metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(metadata["tta_translate"]) == 1 and json.loads(metadata["tta_flip"]) is True
