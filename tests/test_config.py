@@ -51,6 +51,7 @@ def test_image_folder_data_is_named_after_its_file(tmp_path, path, name):
     (lambda p: p["train"].update(lookahead=True, ema_decay=0.0), "train.lookahead: needs train.ema_decay"),
     (lambda p: p["train"].update(alternate_flip=True, flip=False), "train.alternate_flip: needs train.flip"),
     (lambda p: p["train"].update(tta_translate=9), "train.tta_translate"),
+    (lambda p: p["train"].update(whiten_bias_epochs=3), "train.whiten_bias_epochs: only fastnet models"),
     (lambda p: p["train"].update(norm_bias_lr_scale=0), "train.norm_bias_lr_scale: must be > 0"),
     (lambda p: p["train"].update(preset="nope"), "train.preset: no preset 'nope'"),
     (lambda p: p["train"].update(model="resnet999"), "train.model: 'resnet999' does not match"),

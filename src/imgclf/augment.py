@@ -55,12 +55,13 @@ class AlternatingFlip:
     flip, K. Jordan 2024: more varied than flipping each time at random). The halves come from `seed`
     alone, so a resumed run flips the same images as an uninterrupted one."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.first = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).bool()
+    def __init__(self, n: int, seed: int, device: torch.device | str = "cpu") -> None:
+        # Drawn on the CPU (the same halves on any device), kept where the batch indices live.
+        self.first = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).bool().to(device)
 
     def mask(self, epoch: int, index: torch.Tensor) -> torch.Tensor:
-        """The flip mask of the images at `index` in `epoch` (1-based)."""
-        chosen = self.first.to(index.device)[index]
+        """The flip mask of the images at `index` (on the device given) in `epoch` (1-based)."""
+        chosen = self.first[index]
         return chosen if epoch % 2 == 1 else ~chosen
 
 

@@ -145,6 +145,8 @@ class TrainConfig:
             raise ConfigError("train.pretrained: only torchvision:<name> models load pretrained weights")
         if self.lookahead and not self.ema_decay:
             raise ConfigError("train.lookahead: needs train.ema_decay > 0 (the average it looks ahead to)")
+        if self.whiten_bias_epochs and not self.model.startswith("fastnet"):
+            raise ConfigError(f"train.whiten_bias_epochs: only fastnet models have a whitening layer, not {self.model}")
         if self.alternate_flip and not self.flip:
             raise ConfigError("train.alternate_flip: needs train.flip: true (it says how to flip)")
         if self.freeze_epochs and self.pretrained is None:

@@ -116,7 +116,7 @@ class Training:
         self.order = torch.Generator().manual_seed(cfg.seed)
         self.augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
         self.augment = Augment(flip=cfg.flip, translate=cfg.translate, cutout=cfg.cutout)
-        self.alternating_flip = AlternatingFlip(len(self.x_train), cfg.seed + 2) if cfg.alternate_flip else None
+        self.alternating_flip = AlternatingFlip(len(self.x_train), cfg.seed + 2, device) if cfg.alternate_flip else None
         # fastnet's whitening bias, trained for the first train.whiten_bias_epochs epochs only.
         whiten = getattr(model.net, "whiten", None)
         self.whiten_bias = whiten.bias if cfg.whiten_bias_epochs and whiten is not None else None
