@@ -3,8 +3,9 @@
 glibc's malloc serves each allocation above 32 MiB (a batch's activations, and their gradients) with a
 fresh `mmap` and returns it to the kernel on `free`: every training step then touches hundreds of MiB
 of new pages, and the kernel zero-fills each 4 KiB page on its first write. Measured on fastnet in the
-fast preset (micro-batches of 512, 2 cores): 11x fewer page faults and 20% more images/s with the
-settings below, for 5% more peak memory. Other allocators (macOS, musl) are left as they are.
+fast preset (micro-batches of 512, 2 cores, bench/allocator.py): 12x fewer page faults and 1.18x the
+images/s with the settings below, for 8% more peak memory. Other allocators (macOS, musl) are left as
+they are.
 """
 
 from __future__ import annotations
