@@ -66,6 +66,27 @@ def test_lenet_refuses_images_too_small():
         build(meta_for("lenet", size=8))
 
 
+def test_lenet_is_the_tutorial_function():
+    """LeNet applies ReLU after the max-pool, the tutorial before it: outputs and gradients agree."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = MODELS["lenet"](3, 32, 10)
+    x = torch.randn(32, 3, 32, 32)
+
+    def tutorial(x):
+        x = net.pool(F.relu(net.conv1(x)))
+        x = net.pool(F.relu(net.conv2(x)))
+        x = torch.flatten(x, 1)
+        return net.fc3(F.relu(net.fc2(F.relu(net.fc1(x)))))
+
+    ours, theirs = net(x), tutorial(x)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    for a, b in zip(torch.autograd.grad(ours.square().sum(), list(net.parameters())),
+                    torch.autograd.grad(theirs.square().sum(), list(net.parameters()))):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_normalisation_travels_in_the_model():
     model = build(meta_for("lenet"))
     assert isinstance(model, Classifier)
