@@ -92,6 +92,10 @@ def test_normalisation_travels_in_the_model():
     assert isinstance(model, Classifier)
     assert set(model.state_dict()) >= {"mean", "std"}
     assert model.mean.flatten().tolist() == [0.5] * 3
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # channels_last
+    x = model.normalise(images)
+    torch.testing.assert_close(x, (images.float() / 255 - 0.5) / 0.25)
+    assert x.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_checkpoint_round_trip(tmp_path):

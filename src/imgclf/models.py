@@ -210,7 +210,8 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() / 255.0 - self.mean) / self.std
+        """(images / 255 - mean) / std, as one multiply-add: one pass over the batch instead of three."""
+        return torch.addcmul(-self.mean / self.std, images.float(), 1 / (255.0 * self.std))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalise(images)
