@@ -32,6 +32,7 @@ def measure(mode: str, preset: str, images: int) -> dict[str, float]:
 
     import numpy as np
     import torch
+    import yaml
 
     from imgclf.allocator import keep_freed_memory
     from imgclf.config import load_params
@@ -42,8 +43,6 @@ def measure(mode: str, preset: str, images: int) -> dict[str, float]:
     if mode == "kept":
         keep_freed_memory()
     params = load_params(REPO / "params.yaml")
-    import yaml
-
     values = yaml.safe_load((REPO / "presets" / f"{preset}.yaml").read_text())
     params = dataclasses.replace(params, train=dataclasses.replace(params.train, **values))
     rng = np.random.default_rng(0)
