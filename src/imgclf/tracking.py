@@ -190,41 +190,61 @@ class EpochLogger:
 
     Every epoch's metrics are kept (the caller also writes them locally and into checkpoints); a
     failed log is retried at the next epoch, and `flush(final=True)` keeps retrying for a while. On
-    a resumed run, steps MLflow already holds are not logged again."""
+    a resumed run, steps MLflow already holds are not logged again.
+
+    A failed request may still have reached the store (a server that dies after committing, before
+    answering), so a retry must not add a second copy: each epoch's metrics are stamped once, when
+    the epoch ends, and re-sent identical (MLflow's SQL store keeps one row per key, timestamp, step
+    and value), and after a failure the steps the store holds are read again before re-sending."""
 
     def __init__(self, run_id: str, key: str = "val_accuracy") -> None:
         import mlflow
 
         self.client = mlflow.MlflowClient()
         self.run_id = run_id
-        self.pending: list[tuple[int, dict[str, float]]] = []
-        self.logged = {m.step for m in self.client.get_metric_history(run_id, key)}
+        self.key = key
+        self.pending: list[tuple[int, list]] = []
+        self.logged = self._steps_in_store()
+        self.failed = False
         self.warned = False
 
-    def add(self, epoch: int, metrics: dict[str, float]) -> None:
-        if epoch not in self.logged:
-            self.pending.append((epoch, metrics))
-        self.flush()
+    def _steps_in_store(self) -> set[int]:
+        return {m.step for m in self.client.get_metric_history(self.run_id, self.key)}
 
-    def flush(self, final: bool = False, attempts: int = 12, wait: float = 5.0) -> None:
+    def add(self, epoch: int, metrics: dict[str, float]) -> None:
         import time
 
         from mlflow.entities import Metric
 
+        if epoch not in self.logged:
+            now = int(time.time() * 1000)
+            self.pending.append((epoch, [Metric(k, v, now, epoch) for k, v in metrics.items()]))
+        self.flush()
+
+    def _send(self) -> None:
+        if self.failed:  # what did the failed request leave in the store?
+            self.logged = self._steps_in_store()
+            self.pending = [(epoch, batch) for epoch, batch in self.pending if epoch not in self.logged]
+            self.failed = False
+        while self.pending:
+            epoch, batch = self.pending[0]
+            self.client.log_batch(self.run_id, metrics=batch)
+            self.logged.add(epoch)
+            self.pending.pop(0)
+
+    def flush(self, final: bool = False, attempts: int = 12, wait: float = 5.0) -> None:
+        import time
+
         for attempt in range(attempts if final else 1):
-            while self.pending:
-                epoch, metrics = self.pending[0]
-                now = int(time.time() * 1000)
-                try:
-                    self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, epoch) for k, v in metrics.items()])
-                except Exception as exc:  # the store is down or busy: keep the metrics, carry on training
-                    if not self.warned:
-                        print(f"train: could not log epoch {epoch} to MLflow ({type(exc).__name__}); "
-                              "will retry (metrics are kept in the checkpoint and train_history.csv)")
-                        self.warned = True
-                    break
-                self.logged.add(epoch)
-                self.pending.pop(0)
+            try:
+                self._send()
+            except Exception as exc:  # the store is down or busy: keep the metrics, carry on training
+                self.failed = True
+                if not self.warned:
+                    epoch = self.pending[0][0] if self.pending else "?"
+                    print(f"train: could not log epoch {epoch} to MLflow ({type(exc).__name__}); "
+                          "will retry (metrics are kept in the checkpoint and train_history.csv)")
+                    self.warned = True
             if not self.pending:
                 return
             if final and attempt + 1 < attempts:
