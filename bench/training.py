@@ -10,7 +10,7 @@ the reference. Parts:
   throughput  images/s training LeNet: the tutorial loop (ImageFolder with PIL transforms, DataLoader
               with 2 workers, batch 4, SGD lr 0.001 momentum 0.9) over a slice, against our loop (uint8
               tensors, batched on-device preprocessing) at the tutorial's batch 4 and at batch 256
-  target      wall time for our fastest recipe to reach the tutorial's 54.5% test accuracy (test
+  target      wall time for our fastest recipe to reach the tutorial's 54.5% test accuracy, one run per seed (test
               accuracy checked every few steps, with the clock stopped), against the tutorial's 2
               epochs (its throughput from `throughput`, scaled to 100,000 images)
   flops       achieved training FLOP/s (forward + backward FLOPs counted by torch's FlopCounterMode, times
@@ -41,11 +41,12 @@ DEFAULT_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 TUTORIAL_ACCURACY = 0.545  # the tutorial loop's 2-epoch test accuracy on this data (datasets README)
 TUTORIAL_IMAGES = 100_000  # its 2 epochs
 
-# Our fastest way to the tutorial's accuracy, among the few recipes tried (LeNet and fastnet-s, Adam and
-# SGD, batch 64 to 1024): the tutorial's own LeNet with Adam, batch 64 and a one-cycle schedule sized
-# for 3 epochs; measured as the time until test accuracy first reaches the target.
-TARGET_RECIPE = dict(model="lenet", optimizer="adam", lr=0.002, batch_size=64, epochs=3, schedule="onecycle",
-                     warmup_fraction=0.05, final_lr_fraction=0.1)
+# Our fastest way to the tutorial's accuracy, among the recipes tried (LeNet, LeNet with batch norm and
+# fastnet-s; Adam and SGD; batch 64 to 1024; with and without test-time flip): LeNet with batch norm, Adam,
+# batch 128, a one-cycle schedule sized for 2 epochs, scored with test-time flip (as `train.tta_flip` makes
+# evaluation and serving do); measured as the time until test accuracy first reaches the target.
+TARGET_RECIPE = dict(model="lenet-bn", optimizer="adam", lr=0.005, batch_size=128, epochs=2, schedule="onecycle",
+                     warmup_fraction=0.05, final_lr_fraction=0.1, tta_flip=True)
 
 
 def log(*args) -> None:
@@ -160,12 +161,12 @@ class Reached(Exception):
     pass
 
 
-def time_to_target(params, train, test, target: float, check_every: int = 5) -> tuple[float, int]:
+def time_to_target(params, train, test, target: float, seed: int, check_every: int = 5) -> tuple[float, int]:
     """Training seconds (clock stopped while checking) until test accuracy >= target; and images seen."""
     from imgclf.models import to_nchw
     from imgclf.train import score
 
-    training, cfg = training_for(params, train, test, **TARGET_RECIPE)
+    training, cfg = training_for(params, train, test, **TARGET_RECIPE, seed=seed)
     x_test, y_test = to_nchw(test.images, torch.device("cpu")), torch.from_numpy(test.labels)
     state = {"steps": 0, "elapsed": 0.0, "t0": time.perf_counter()}
 
@@ -264,11 +265,11 @@ def main() -> None:
                     f"  {statistics.median(values) / tutorial:>6.1f}x the tutorial")
         if "target" in parts:
             tutorial_time = TUTORIAL_IMAGES / statistics.median(rates["tutorial"])
-            results = [time_to_target(params, train, test, TUTORIAL_ACCURACY) for _ in range(args.repeats)]
+            results = [time_to_target(params, train, test, TUTORIAL_ACCURACY, seed) for seed in range(args.repeats)]
             seconds = [s for s, _ in results]
-            log(f"\ntime to {TUTORIAL_ACCURACY:.1%} test accuracy (median of {args.repeats})")
+            log(f"\ntime to {TUTORIAL_ACCURACY:.1%} test accuracy (median of {args.repeats} seeds)")
             log(f"  tutorial, 2 epochs (scaled from its throughput)  {tutorial_time:8.1f} s")
-            log(f"  ours ({TARGET_RECIPE['model']}, Adam, one-cycle)      {statistics.median(seconds):8.1f} s "
+            log(f"  ours ({TARGET_RECIPE['model']}, Adam, test-time flip) {statistics.median(seconds):8.1f} s "
                 f"({min(seconds):.1f}-{max(seconds):.1f}; {statistics.median(i for _, i in results):.0f} images seen)"
                 f"  1/{tutorial_time / statistics.median(seconds):.0f} of the tutorial's time")
         if "flops" in parts:

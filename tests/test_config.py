@@ -125,3 +125,10 @@ def test_floats_as_dvc_writes_them_are_numbers(tmp_path, written, value):
     text = open(path).read().replace("lr: 0.002", f"lr: {written}")
     open(path, "w").write(text)
     assert load_params(path).train.lr == value
+
+
+def test_every_registered_model_is_accepted_by_params(tmp_path):
+    from imgclf.models import MODELS
+
+    for name in MODELS:
+        assert load_params(write_params(tmp_path, lambda p: p["train"].update(model=name))).train.model == name

@@ -178,3 +178,16 @@ def test_tta_translate_adds_views_shifted_up_left_and_down_right():
     expected = 0.5 * mirrored(x) + 0.25 * (mirrored(padded[:, :, :32, :32]) + mirrored(padded[:, :, 2:, 2:]))
     torch.testing.assert_close(model(images), expected)
     assert not torch.allclose(model(images), mirrored(x))
+
+
+def test_lenet_bn_is_lenet_with_normalised_pooled_maps():
+    torch.manual_seed(0)
+    plain, normed = MODELS["lenet"](3, 32, 10), MODELS["lenet-bn"](3, 32, 10)
+    assert set(plain.state_dict()) < set(normed.state_dict())
+    normed.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.randn(8, 3, 32, 32)
+    # In eval mode, with fresh running statistics (mean 0, variance 1) and unit scales, the
+    # normalisation is the identity up to its epsilon: the two nets agree.
+    assert torch.allclose(normed.eval()(x), plain.eval()(x), atol=1e-4)
+    normed.train()(x)
+    assert normed.bn1.running_mean.abs().sum() > 0  # it does normalise while training

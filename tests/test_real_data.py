@@ -79,3 +79,15 @@ def test_readme_fast_cifar_command_runs_the_preset(tmp_path):
     for key in ("model", "lr", "batch_size", "lookahead", "norm_bias_lr_scale"):
         assert params[f"train.{key}"] == str(preset[key]), key
     assert params["train.preset"] == "fast-cifar" and params["train.epochs"] == "1"
+
+
+def test_training_bench_prints_its_tables(tmp_path):
+    """bench/training.py end to end on the 1,200-image slice, one repeat (the figures are not tested:
+    on so few images the target accuracy may not be reached, which the table shows as nan)."""
+    if not MINI.is_file():
+        pytest.skip(f"{MINI} is absent (set IMGCLF_DATASETS to the folder holding cifar10-jpg-mini.tar.gz)")
+    proc = run(["python", str(REPO / "bench" / "training.py"), "--archive", str(MINI), "--repeats", "1",
+                "--tutorial-batches", "20", "--parts", "throughput,target,flops"], tmp_path)
+    for line in ("throughput, LeNet", "tutorial ", "ours, batch 256", "time to 54.5% test accuracy",
+                 "ours (lenet-bn, Adam, test-time flip)", "achieved training FLOP/s", "lenet, batch 256"):
+        assert line in proc.stdout, line

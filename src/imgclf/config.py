@@ -98,7 +98,7 @@ class PrepareConfig:
 class TrainConfig:
     # A file presets/<name>.yaml whose keys override this section (none: no preset).
     preset: str = _bounded(pattern=r"none|[A-Za-z0-9_\-]+")
-    model: str = _bounded(pattern=r"lenet|fastnet|fastnet-s|resnet18|torchvision:[A-Za-z0-9_]+")
+    model: str = _bounded(pattern=r"lenet|lenet-bn|fastnet|fastnet-s|resnet18|torchvision:[A-Za-z0-9_]+")
     # torchvision models: a local file of pretrained weights (state dict); nothing is downloaded.
     pretrained: str | None
     freeze_epochs: int = _bounded(ge=0)  # with pretrained weights: train only the new head at first
