@@ -14,7 +14,7 @@ the reference. Parts:
               accuracy checked every few steps, with the clock stopped), against the tutorial's 2
               epochs (its throughput from `throughput`, scaled to 100,000 images)
   flops       achieved training FLOP/s (forward + backward FLOPs counted by torch's FlopCounterMode, times
-              images/s) as a share of the fp32 matrix-multiply rate measured here, now
+              images/s) as a share of the fp32 matrix-multiply rate measured beside it in each repeat
   fast        a preset (`--preset`, default fast-cifar), training from scratch per seed: test accuracy
               and wall time (training, with the per-epoch validation pass), as the README's command runs it
 Throughputs are medians of --repeats runs, measured side by side in one process.
@@ -252,11 +252,14 @@ def main() -> None:
         log(f"CIFAR-10 JPEG: {len(train.labels)} training, {len(test.labels)} test images; "
             f"{len(os.sched_getaffinity(0))} CPU threads; torch {torch.__version__}\n")
         rates: dict[str, list[float]] = {"tutorial": [], "ours, batch 4": [], "ours, batch 256": []}
+        matmul: list[float] = []
         if parts & {"throughput", "target", "flops"}:
             for r in range(args.repeats):
                 rates["tutorial"].append(tutorial_throughput(folder / "train", args.tutorial_batches))
                 rates["ours, batch 4"].append(our_throughput(params, train, 4, 20_000))
                 rates["ours, batch 256"].append(our_throughput(params, train, 256, 50_000))
+                if "flops" in parts:  # this machine's matrix rate drifts: measure it beside each repeat
+                    matmul.append(matmul_rate())
                 log(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()))
             tutorial = statistics.median(rates["tutorial"])
             log("\nthroughput, LeNet (median of %d; min-max)" % args.repeats)
@@ -273,21 +276,27 @@ def main() -> None:
                 f"({min(seconds):.1f}-{max(seconds):.1f}; {statistics.median(i for _, i in results):.0f} images seen)"
                 f"  1/{tutorial_time / statistics.median(seconds):.0f} of the tutorial's time")
         if "flops" in parts:
-            rate = matmul_rate()
-            log(f"\nachieved training FLOP/s against torch.matmul fp32 ({rate / 1e9:.0f} GFLOP/s here, now)")
-            lenet = flops_per_image("lenet") * statistics.median(rates["ours, batch 256"])
-            log(f"  lenet, batch 256      {lenet / 1e9:8.1f} GFLOP/s  {lenet / rate:6.1%}")
+            log(f"\nachieved training FLOP/s against torch.matmul fp32, measured beside it (median of "
+                f"{args.repeats}; matmul {statistics.median(matmul) / 1e9:.0f} GFLOP/s, "
+                f"{min(matmul) / 1e9:.0f}-{max(matmul) / 1e9:.0f})")
+            lenet = [flops_per_image("lenet") * r for r in rates["ours, batch 256"]]
+            shares = [f / m for f, m in zip(lenet, matmul)]
+            log(f"  lenet, batch 256      {statistics.median(lenet) / 1e9:8.1f} GFLOP/s  {statistics.median(shares):6.1%}"
+                f"  ({min(shares):.1%}-{max(shares):.1%})")
             from imgclf.train import Arrays
 
             subset = Arrays(train.images[:10240], train.labels[:10240])
             training, cfg = training_for(params, subset, Arrays(test.images[:1], test.labels[:1]),
                                          **yaml.safe_load((REPO / "presets" / "fast-cifar.yaml").read_text()))
             training.run_epoch()
+            before = matmul_rate()
             start = time.perf_counter()
             training.run_epoch()
             fast_rate = len(subset.labels) / (time.perf_counter() - start)
+            rate = (before + matmul_rate()) / 2  # the matrix rate just before and just after the epoch
             fast = flops_per_image(cfg.model) * fast_rate
-            log(f"  {cfg.model}, fast preset {fast / 1e9:8.1f} GFLOP/s  {fast / rate:6.1%}  ({fast_rate:.0f} img/s)")
+            log(f"  {cfg.model}, fast preset {fast / 1e9:8.1f} GFLOP/s  {fast / rate:6.1%}  ({fast_rate:.0f} img/s; "
+                f"matmul {rate / 1e9:.0f} GFLOP/s around it)")
         if "fast" in parts:
             log(f"\n{args.preset} preset, from scratch")
             val = arrays(prepared, "val")
