@@ -10,8 +10,11 @@ import os
 import re
 import shutil
 import socket
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,35 @@ def built_project(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """A fresh copy on which `dvc repro` has run once, with the default params. Read-only for tests."""
     root = fresh_copy(tmp_path_factory.mktemp("built") / "project")
     return root, run(["dvc", "repro"], root)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def start_server(root: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on `port`, its SQLite store and artifacts under `root`, once it answers."""
+    server = subprocess.Popen(
+        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
+        cwd=root, env=project_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def up() -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return True
+        except OSError:
+            assert server.poll() is None, "mlflow server exited"
+            return False
+    wait_for(up, 120, "the MLflow server")
+    return server
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Kill the server and its workers at once, as a crash would."""
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait(timeout=30)

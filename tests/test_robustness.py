@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
 import subprocess
 import time
@@ -15,7 +14,7 @@ import mlflow
 import psutil
 import pytest
 
-from conftest import free_port, fresh_copy, project_env, run
+from conftest import free_port, fresh_copy, project_env, run, start_server, stop, wait_for
 from test_variants import set_param
 
 pytestmark = pytest.mark.integration
@@ -40,14 +39,6 @@ def epochs_done(root: Path, since: float) -> int:
         return len(path.read_text().splitlines()) - 1
     except FileNotFoundError:
         return 0
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def md5(path: Path) -> str:
@@ -94,29 +85,6 @@ def torch_epoch(root: Path) -> int:
     import torch
 
     return torch.load(root / "models/checkpoint/last.pt", weights_only=True)["epoch"]
-
-
-def start_server(root: Path, port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, env=project_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    import urllib.request
-
-    def up() -> bool:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return True
-        except OSError:
-            assert server.poll() is None, "mlflow server exited"
-            return False
-    wait_for(up, 120, "the MLflow server")
-    return server
-
-
-def stop(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGKILL)
-    server.wait(timeout=30)
 
 
 def test_tracking_server_going_away_mid_training_loses_nothing(tmp_path):

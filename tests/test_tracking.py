@@ -13,8 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import mlflow
 import pytest
 
-from conftest import free_port
-from test_robustness import start_server, stop
+from conftest import free_port, start_server, stop
 
 pytestmark = pytest.mark.integration
 
