@@ -1,7 +1,7 @@
 """Benchmark: our training loop against the classic PyTorch tutorial loop, and the fast CIFAR-10 preset.
 
     python bench/training.py --parts throughput,target,flops       # about 10 minutes
-    python bench/training.py --parts fast --seeds 3                 # the fast preset: about 15 minutes a seed
+    python bench/training.py --parts fast --seeds 3                 # the fast preset: 15-26 minutes a seed
     python bench/training.py --parts fast --seeds 1 --preset accurate-cifar
 
 All on the JPEG copy of CIFAR-10 (`--archive`, default ../shared/datasets/cifar10-jpg.tar.gz), on the CPU,
