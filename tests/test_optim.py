@@ -27,7 +27,6 @@ def test_every_optimizer_steps(name):
     assert not torch.equal(before, model.net.head.weight)
 
 
-
 @pytest.mark.parametrize("name, reference", [
     ("sgd", lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
                                                 weight_decay=cfg.weight_decay, foreach=False)),
@@ -53,6 +52,7 @@ def test_fast_optimizers_step_like_the_reference_loop(name, reference):
         weights.append([p.detach().clone() for p in model.parameters()])
     for ours, plain in zip(*weights):
         torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+
 
 def test_norm_biases_learn_faster_with_the_same_decay_per_step():
     cfg = dataclasses.replace(TRAIN, optimizer="sgd", lr=0.5, weight_decay=1e-3, norm_bias_lr_scale=64.0)

@@ -28,7 +28,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = param_groups(model, cfg)
     # One fused kernel for all parameters instead of PyTorch's CPU default, a loop over them: an Adam
-    # step over LeNet's 14 tensors takes a quarter of the time (a few percent of a training step).
+    # step over lenet-bn's 14 tensors takes a quarter of the time (a few percent of a training step).
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay, fused=True)
