@@ -10,14 +10,14 @@ import torch
 from conftest import REPO
 from imgclf.config import load_params
 from imgclf.models import build
-from imgclf.optim import lr_factor, make_optimizer, make_scheduler
+from imgclf.optim import lr_factor, make_optimizer, make_scheduler, orthogonalise
 
 TRAIN = load_params(REPO / "params.yaml").train
 META = {"model": "fastnet-s", "classes": list("abcdefghij"), "image_size": 32, "channels": 3,
         "mean": [0.5] * 3, "std": [0.25] * 3}
 
 
-@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "muon"])
 def test_every_optimizer_steps(name):
     model = build(META)
     optimizer = make_optimizer(model, dataclasses.replace(TRAIN, optimizer=name, lr=0.01))
@@ -52,6 +52,62 @@ def test_fast_optimizers_step_like_the_reference_loop(name, reference):
         weights.append([p.detach().clone() for p in model.parameters()])
     for ours, plain in zip(*weights):
         torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_muon_steps_other_parameters_like_sgd():
+    """muon's SGD part (every parameter but the convolution filters) is PyTorch's SGD."""
+    cfg = dataclasses.replace(TRAIN, optimizer="muon", lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    weights = []
+    for make in (make_optimizer, lambda model, cfg: torch.optim.SGD(
+            [p for p in model.parameters() if p.ndim != 4], lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
+            weight_decay=cfg.weight_decay, foreach=False)):
+        torch.manual_seed(0)
+        model = build({**META, "model": "lenet"})
+        for p in model.parameters():
+            p.requires_grad_(p.ndim != 4)  # filters fixed: the same gradients reach both optimizers
+        optimizer = make(model, cfg)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(images).square().mean().backward()
+            optimizer.step()
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for ours, plain in zip(*weights):
+        torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(64, 216), (256, 2304), (300, 20), (10, 10)])
+def test_orthogonalise_keeps_the_singular_vectors_and_evens_the_singular_values(shape):
+    """Newton-Schulz gives U S' V^T for a matrix U S V^T, with S' between about 0.7 and 1.2 however
+    spread S is (here over two orders of magnitude)."""
+    torch.manual_seed(0)
+    u, _, vt = torch.linalg.svd(torch.randn(*shape, dtype=torch.float64), full_matrices=False)
+    s = torch.logspace(0, -2, len(vt), dtype=torch.float64)
+    got = orthogonalise(((u * s) @ vt).float(), steps=5).double()
+    inner = u.T @ got @ vt.T
+    spread = torch.diagonal(inner)
+    assert (spread > 0.6).all() and (spread < 1.25).all()
+    assert (inner - torch.diag(spread)).abs().max() < 0.02
+
+
+def test_muon_takes_orthogonal_steps_on_normalised_filters():
+    cfg = dataclasses.replace(TRAIN, optimizer="muon", muon_lr=0.1, muon_momentum=0.6, nesterov=True)
+    torch.manual_seed(0)
+    model = build(META)
+    optimizer = make_optimizer(model, cfg)
+    conv = model.net.layers[1].conv2
+    before = conv.weight.detach().clone()
+    model(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)).square().mean().backward()
+    gradient = conv.weight.grad.reshape(len(before), -1).double()
+    optimizer.step()
+    normalised = before * (len(before) ** 0.5 / before.norm())
+    step = (conv.weight.detach() - normalised).reshape(len(before), -1).double() / -cfg.muon_lr
+    u, s, vt = torch.linalg.svd(gradient, full_matrices=False)
+    spread = torch.diagonal(u.T @ step @ vt.T)  # the first step follows the gradient's singular vectors
+    assert torch.linalg.matrix_norm(step - (u * spread) @ vt) < 0.05 * torch.linalg.matrix_norm(step)
+    # with evened singular values: three iterations lift all but the smallest of the gradient's
+    assert spread.max() < 1.25 and spread.median() > 0.6
+    assert spread.min() / spread.max() > 5 * s.min() / s.max()
 
 
 def test_norm_biases_learn_faster_with_the_same_decay_per_step():

@@ -1,5 +1,5 @@
 """The training loop's airbench pieces, in process on random data: the whitening bias freezes on time,
-lookahead resets the weights to their average every 5 steps."""
+lookahead resets the weights to their average every 5 steps, Muon's state survives a checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from conftest import REPO
+from imgclf import checkpoint
 from imgclf.config import load_params
 from imgclf.models import build
 from imgclf.train import Arrays, Training
@@ -20,8 +21,8 @@ def random_split(n: int, seed: int) -> Arrays:
 
 
 def make_training(n: int, **train) -> Training:
-    cfg = dataclasses.replace(load_params(REPO / "params.yaml").train, model="fastnet-s", optimizer="sgd", lr=0.05,
-                              **train)
+    cfg = dataclasses.replace(load_params(REPO / "params.yaml").train, model="fastnet-s",
+                              **{"optimizer": "sgd", "lr": 0.05, **train})
     torch.manual_seed(0)
     model = build({"model": "fastnet-s", "classes": [str(i) for i in range(10)], "image_size": 32,
                    "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3})
@@ -66,3 +67,19 @@ def test_lookahead_in_a_run_shorter_than_five_steps_still_returns_trained_weight
     run = make_training(16, batch_size=8, epochs=1, ema_decay=0.95, lookahead=True)  # 2 steps in all
     run.run_epoch()
     assert all(torch.equal(a, b) for a, b in zip(run.final_model.parameters(), run.model.parameters()))
+
+
+def test_muon_training_resumed_from_a_checkpoint_ends_with_the_same_weights(tmp_path):
+    """The optimizer's two kinds of state (SGD's and the filters' momentum) go through a checkpoint file."""
+    train = dict(batch_size=32, epochs=2, optimizer="muon", muon_lr=0.1, nesterov=True, schedule="onecycle")
+    whole = make_training(64, **train)
+    losses = [whole.run_epoch()["train_loss"] for _ in range(2)]
+    assert losses[1] < losses[0]
+    first = make_training(64, **train)
+    first.run_epoch()
+    checkpoint.save(first.state_dict(), tmp_path)
+    resumed = make_training(64, **train)
+    resumed.load_state_dict(checkpoint.load(tmp_path))
+    resumed.run_epoch()
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)

@@ -102,9 +102,12 @@ class TrainConfig:
     # torchvision models: a local file of pretrained weights (state dict); nothing is downloaded.
     pretrained: str | None
     freeze_epochs: int = _bounded(ge=0)  # with pretrained weights: train only the new head at first
-    optimizer: Literal["sgd", "adam", "adamw", "rmsprop"]
+    optimizer: Literal["sgd", "adam", "adamw", "rmsprop", "muon"]
     lr: float = _bounded(gt=0)
     momentum: float = _bounded(ge=0, lt=1)
+    # muon: the convolution filters' learning rate and momentum (the other parameters take lr, momentum)
+    muon_lr: float = _bounded(gt=0)
+    muon_momentum: float = _bounded(ge=0, lt=1)
     nesterov: bool
     weight_decay: float = _bounded(ge=0)
     norm_bias_lr_scale: float = _bounded(gt=0)  # learning-rate multiple for BatchNorm biases
