@@ -62,7 +62,7 @@ def test_the_run_records_the_data_version(mini_experiment):
 
 def test_readme_fast_cifar_command_runs_the_preset(tmp_path):
     """The README's fast-cifar line, on the 1,200-image slice and for one epoch (the full run takes
-    about 15 minutes: bench/training.py measures it)."""
+    about 22 minutes on 2 cores: bench/training.py measures it)."""
     if not MINI.is_file():
         pytest.skip(f"{MINI} is absent (set IMGCLF_DATASETS to the folder holding cifar10-jpg-mini.tar.gz)")
     from conftest import readme_command
