@@ -67,9 +67,9 @@ class Muon(torch.optim.Optimizer):
 
 def orthogonalise(matrix: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
     """Newton-Schulz iteration towards U V^T (U S V^T the SVD of `matrix`), with the quintic
-    coefficients that grow small singular values fastest (Muon's): it stops at singular values
-    of roughly 0.7 to 1.2, which trains as well as exact orthogonalisation. In fp32: this CPU has
-    no bf16 units."""
+    coefficients that grow small singular values fastest (Muon's): it leaves them between roughly
+    0.7 and 1.2 (three steps lift all but the smallest), which trains as well as exact
+    orthogonalisation. In fp32: CPUs without bf16 units run bf16 matrix products slower."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = matrix.float()
     wide = x.shape[0] <= x.shape[1]
