@@ -44,6 +44,10 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:  # the Optimizer contract: re-evaluate the loss first
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -62,7 +66,7 @@ class Muon(torch.optim.Optimizer):
                 update = p.grad.add(buffer, alpha=group["momentum"]) if group["nesterov"] else buffer
                 p.mul_(math.sqrt(len(p)) / p.norm().clamp_min(1e-12))
                 p.add_(orthogonalise(update.reshape(len(p), -1), group["ns_steps"]).view_as(p), alpha=-group["lr"])
-        return None
+        return loss
 
 
 def orthogonalise(matrix: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
@@ -84,10 +88,10 @@ def orthogonalise(matrix: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = param_groups(model, cfg)
     if cfg.optimizer == "muon":
-        filters = {id(p) for p in model.parameters() if p.ndim == 4}
-        groups = [{**g, "params": [p for p in g["params"] if id(p) not in filters]} for g in params]
-        groups.append({"params": [p for p in model.parameters() if id(p) in filters], "orthogonalise": True,
-                       "lr": cfg.muon_lr, "momentum": cfg.muon_momentum, "weight_decay": 0.0})
+        filters = [p for p in model.parameters() if p.ndim == 4]
+        groups = [{**g, "params": [p for p in g["params"] if p.ndim != 4]} for g in params]
+        groups.append({"params": filters, "orthogonalise": True, "lr": cfg.muon_lr, "momentum": cfg.muon_momentum,
+                       "weight_decay": 0.0})
         return Muon([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum,
                     nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
     # One fused kernel for all parameters instead of PyTorch's CPU default, a loop over them: an Adam
