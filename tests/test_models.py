@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -191,3 +193,20 @@ def test_lenet_bn_is_lenet_with_normalised_pooled_maps():
     assert torch.allclose(normed.eval()(x), plain.eval()(x), atol=1e-4)
     normed.train()(x)
     assert normed.bn1.running_mean.abs().sum() > 0  # it does normalise while training
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on a CPU needs a C compiler (cc)")
+def test_fastnet_compiled_under_bf16_autocast_has_finite_gradients():
+    """`train.compile` with bf16 autocast (what `precision: auto` gives on a GPU), here on the CPU: the
+    compiled backward of a global max-pool written as amax returned NaN for every gradient below it."""
+    torch.manual_seed(0)
+    model = build(meta_for("fastnet-s"))
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    model.net.init_from_data(model.normalise(images))
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(compiled(images).float(), torch.arange(16) % 10)
+    loss.backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert [n for n, p in trainable if not torch.isfinite(p.grad).all()] == []

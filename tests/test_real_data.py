@@ -89,5 +89,5 @@ def test_training_bench_prints_its_tables(tmp_path):
     proc = run(["python", str(REPO / "bench" / "training.py"), "--archive", str(MINI), "--repeats", "1",
                 "--tutorial-batches", "20", "--parts", "throughput,target,flops"], tmp_path)
     for line in ("throughput, LeNet", "tutorial ", "ours, batch 256", "time to 54.5% test accuracy",
-                 "ours (lenet-bn, Adam, test-time flip)", "achieved training FLOP/s", "lenet, batch 256"):
+                 "ours (lenet-bn, muon, test-time flip)", "achieved training FLOP/s", "lenet, batch 256"):
         assert line in proc.stdout, line

@@ -135,7 +135,10 @@ class FastNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(F.gelu(self.whiten(x)))
-        return self.head(x.amax(dim=(2, 3))) * self.head_scale
+        # Global max-pool as max(dim), whose backward routes the gradient by the saved index: amax's
+        # backward compares the input against the max again, and torch.compile under bf16 autocast
+        # recomputes one side at another precision, so no element matches and it divides 0 by 0.
+        return self.head(x.flatten(2).max(dim=2).values) * self.head_scale
 
 
 def cifar_resnet18(in_channels: int, image_size: int, num_classes: int) -> nn.Module:

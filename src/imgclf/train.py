@@ -91,7 +91,11 @@ def configure_torch(cfg: TrainConfig) -> None:
         # cuBLAS needs this workspace setting for deterministic results (read when CUDA starts).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    else:
+        torch.use_deterministic_algorithms(False)
+    # On a GPU, cuDNN times its convolution kernels once per input shape and keeps the fastest: the
+    # choice can differ between runs, so not when results must repeat. (No effect on a CPU.)
+    torch.backends.cudnn.benchmark = not cfg.deterministic
 
 
 class Training:

@@ -1,0 +1,228 @@
+"""Benchmark on a GPU: the fast preset's time to a target test accuracy (94% by default), and the
+recipes beside it, on the JPEG CIFAR-10, with the device named.
+
+    python bench/gpu.py                                   # a few minutes on one recent GPU
+    python bench/gpu.py --variant micro_batch=0 --variant preset=accurate-cifar \\
+        --variant preset=none,model=resnet18,optimizer=sgd,lr=0.2,epochs=30 --budget-s 400
+
+In order, each printed as it ends, until --budget-s seconds have passed (no run starts after that):
+  device       the GPU's name, torch and CUDA versions, and its bf16 matrix-multiply rate (8192^3)
+  determinism  `train.deterministic: true` twice over the same 2 epochs of fastnet-s: bit-identical weights?
+  preset       --preset (default fast-cifar) from scratch, --seeds seeds: test accuracy, training wall
+               time, achieved FLOP/s
+  ladder       the preset with more epochs (--ladder), --ladder-seeds seeds each, until the mean test
+               accuracy reaches --target
+  variants     --variant K=V[,K=V...]: train keys over the preset and --set (`preset=<name>` or
+               `preset=none` picks another base), --variant-seeds seeds each
+Before the first run of each new model, batch, micro-batch, precision, layout or compile setting, one
+untimed warm-up epoch lets cuDNN pick its kernels (and torch.compile compile) for those shapes.
+The time to the target is the training wall time (median over seeds) of the first of preset and ladder
+whose mean test accuracy reaches it. Training times include each epoch's validation pass (1,000 images),
+as the pipeline's train stage runs it; test scoring (with the recipe's test-time augmentation) is shown apart.
+Results also go, one JSON object a line, to --out when given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training import DEFAULT_ARCHIVE, REPO, arrays, fast_preset, flops_per_image, log, prepare  # noqa: E402
+
+
+def parse_keys(text: str) -> dict:
+    """'k=v,k=v' -> {k: v}, each value read as YAML (numbers, booleans, strings)."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    bad = [item for item in pairs if len(item) != 2]
+    if bad:
+        raise SystemExit(f"--variant {text!r}: expected key=value pairs separated by commas")
+    return {k.strip(): yaml.safe_load(v) for k, v in pairs}
+
+
+def recipe(work: Path, base: dict, keys: dict, label: str) -> dict:
+    """The train section: the preset `keys["preset"]` (a preset's keys replace params.yaml's), then the
+    other keys over it; validated as the pipeline validates params.yaml (a bad key stops, named)."""
+    from imgclf.config import ConfigError, load_params
+
+    path = work / "variant.yaml"
+
+    def load(train: dict) -> dict:
+        path.write_text(yaml.safe_dump({**base, "train": train}))
+        try:
+            return dataclasses.asdict(load_params(path).train)
+        except ConfigError as exc:
+            raise SystemExit(f"error: {label}: {exc}") from None
+
+    preset = load({**base["train"], "preset": keys.get("preset", "none")})
+    return load({**preset, **{k: v for k, v in keys.items() if k != "preset"}, "preset": "none"})
+
+
+def bf16_matmul_rate(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def determinism(params, train, val, device: torch.device) -> bool:
+    """Two deterministic runs of the same 2 epochs end with bit-identical weights."""
+    from training import training_for
+
+    states = []
+    for _ in range(2):
+        training, _ = training_for(params, train, val, device, model="fastnet-s", optimizer="sgd", lr=0.1,
+                                   momentum=0.9, batch_size=256, epochs=2, flip=True, translate=2,
+                                   deterministic=True, precision="auto", seed=0)
+        training.run_epoch()
+        training.run_epoch()
+        states.append({k: v.detach().cpu().clone() for k, v in training.model.state_dict().items()})
+    return all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--preset", default="fast-cifar")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--target", type=float, default=0.94)
+    parser.add_argument("--ladder", default="", help="epoch counts to try when the preset misses the target, e.g. 10,14,20")
+    parser.add_argument("--ladder-seeds", type=int, default=2)
+    parser.add_argument("--variant", action="append", default=[], help="train keys K=V[,K=V...] over the preset")
+    parser.add_argument("--variant-seeds", type=int, default=1)
+    parser.add_argument("--set", default="", help="train keys K=V[,K=V...] for every run, under --variant's")
+    parser.add_argument("--budget-s", type=float, default=float("inf"), help="start no run after this many seconds")
+    parser.add_argument("--skip", default="", help="parts to leave out: determinism")
+    parser.add_argument("--out", type=Path, help="also write each result as a JSON line here")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible to torch (pass --device cpu to try the script)")
+    if not args.archive.is_file():
+        raise SystemExit(f"{args.archive} is absent")
+    forced = parse_keys(args.set)
+
+    def record(**result) -> None:
+        if args.out:
+            with args.out.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    log(f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}")
+    if device.type == "cuda":
+        rate = bf16_matmul_rate(device)
+        log(f"  bf16 matmul 8192^3: {rate / 1e12:.0f} TFLOP/s")
+        record(part="device", name=name, torch=torch.__version__, bf16_tflops=rate / 1e12)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        prepared, _, params = prepare(args.archive.resolve(), work, extract=False)
+        params = dataclasses.replace(params, prepare=dataclasses.replace(params.prepare, out_dir=str(prepared)))
+        train, val, test = arrays(prepared, "train"), arrays(prepared, "val"), arrays(prepared, "test")
+        log(f"data: {len(train.labels)} train, {len(val.labels)} val, {len(test.labels)} test images "
+            f"(prepared in {time.perf_counter() - t0:.0f} s)")
+        (work / "presets").symlink_to(REPO / "presets")
+        base = yaml.safe_load((work / "params.yaml").read_text())
+
+        # Every recipe validated before the first run: a typo stops the script at once, not minutes in.
+        plan = [(args.preset, {}, args.seeds)]
+        plan += [(f"{args.preset}, {e} epochs", {"epochs": int(e)}, args.ladder_seeds) for e in args.ladder.split(",") if e]
+        ladder_end = len(plan)
+        plan += [(variant, parse_keys(variant), args.variant_seeds) for variant in args.variant]
+        recipes = [recipe(work, base, {"preset": args.preset, **forced, **keys}, label) for label, keys, _ in plan]
+
+        if "determinism" not in args.skip.split(","):
+            same = determinism(params, train, val, device)
+            log(f"determinism: two deterministic runs of 2 epochs {'are' if same else 'are NOT'} bit-identical")
+            record(part="determinism", identical=same)
+
+        def within_budget() -> bool:
+            return time.perf_counter() - started < args.budget_s
+
+        rows = []
+
+        warm = set()
+
+        def runs(label: str, values: dict, seeds: int) -> dict | None:
+            """Train the recipe `values` for `seeds` seeds; a run that fails is reported and skipped."""
+            shapes = tuple(values[k] for k in ("model", "batch_size", "micro_batch", "compile", "precision",
+                                               "channels_last"))
+            if shapes not in warm:  # cuDNN's kernel choice (and torch.compile) for new shapes: not timed
+                log("  warm-up: 1 epoch")
+                warm.add(shapes)
+                try:
+                    fast_preset(params, train, val, test, {**values, "epochs": 1}, 99, device)
+                except Exception:
+                    traceback.print_exc()
+                    return None
+            accuracies, times, evaluations = [], [], []
+            for seed in range(seeds):
+                if not within_budget():
+                    log(f"  {label}: budget spent, seed {seed} not run")
+                    break
+                try:
+                    accuracy, seconds, evaluation = fast_preset(params, train, val, test, values, seed, device)
+                except Exception:  # one broken recipe must not lose the others' figures
+                    traceback.print_exc()
+                    break
+                accuracies.append(accuracy), times.append(seconds), evaluations.append(evaluation)
+                record(part=label, seed=seed, epochs=values["epochs"], model=values["model"],
+                       test_accuracy=accuracy, train_s=seconds, test_scoring_s=evaluation)
+            if not accuracies:
+                return None
+            images = len(train.labels) * values["epochs"]
+            achieved = flops_per_image(values["model"]) * images / statistics.median(times)
+            row = dict(label=label, model=values["model"], epochs=values["epochs"], n=len(accuracies),
+                       mean=statistics.mean(accuracies), low=min(accuracies), high=max(accuracies),
+                       time=statistics.median(times), time_low=min(times), time_high=max(times),
+                       scoring=statistics.median(evaluations), tflops=achieved / 1e12)
+            rows.append(row)
+            log(f"  {label}: mean {row['mean']:.4f} ({row['low']:.4f}-{row['high']:.4f}, n={row['n']}), "
+                f"{row['time']:.1f} s training ({row['time_low']:.1f}-{row['time_high']:.1f}), {row['tflops']:.1f} TFLOP/s")
+            return row
+
+        reached = None
+        for i, ((label, _, seeds), values) in enumerate(zip(plan, recipes)):
+            if not within_budget() or (reached and i < ladder_end):
+                continue
+            log(f"\n{label}")
+            row = runs(label, values, seeds)
+            if i < ladder_end and row and row["mean"] >= args.target:
+                reached = row  # the preset, or the first rung of the ladder, that reaches the target
+
+    log(f"\nsummary ({name}; mean test accuracy over seeds, min-max; median training seconds, min-max)"
+        + (f"; every run with {args.set}" if args.set else ""))
+    for row in rows:
+        log(f"  {row['model']:<10} {row['epochs']:>3} ep  {row['mean']:.4f} ({row['low']:.4f}-{row['high']:.4f}, "
+            f"n={row['n']})  {row['time']:7.1f} s ({row['time_low']:.1f}-{row['time_high']:.1f})  "
+            f"+{row['scoring']:.1f} s scoring  {row['tflops']:6.1f} TFLOP/s  {row['label']}")
+    if reached:
+        log(f"time to {args.target:.0%}: {reached['time']:.1f} s ({reached['label']}, mean {reached['mean']:.4f})")
+    else:
+        best = max(rows, key=lambda r: r["mean"], default=None)
+        log(f"time to {args.target:.0%}: not reached" + (f"; best mean {best['mean']:.4f} ({best['label']}, "
+                                                          f"{best['time']:.1f} s)" if best else ""))
+    log(f"total {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
