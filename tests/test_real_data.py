@@ -70,8 +70,9 @@ def test_readme_fast_cifar_command_runs_the_preset(tmp_path):
     root = fresh_copy(tmp_path / "project")
     command = readme_command("dvc exp run -S train.preset=fast-cifar")
     # A preset's own keys are changed in its file: `-S presets/<name>.yaml:<key>=<value>`.
-    command = command.replace("../shared/datasets/cifar10-jpg.tar.gz", str(MINI)) + " -S presets/fast-cifar.yaml:epochs=1"
-    run(command, root)
+    command = command.replace("../shared/datasets/cifar10-jpg.tar.gz", str(MINI))
+    # ... and the README's advice for GPUs, whole batches, here on the CPU.
+    run(command + " -S presets/fast-cifar.yaml:epochs=1 -S presets/fast-cifar.yaml:micro_batch=0", root)
     receipt = json.loads((root / "models/registration.json").read_text())
     assert receipt["model_name"] == "cifar10-jpg-mini-fastnet"
     params = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(receipt["run_id"]).data.params
@@ -79,6 +80,7 @@ def test_readme_fast_cifar_command_runs_the_preset(tmp_path):
     for key in ("model", "lr", "batch_size", "lookahead", "norm_bias_lr_scale"):
         assert params[f"train.{key}"] == str(preset[key]), key
     assert params["train.preset"] == "fast-cifar" and params["train.epochs"] == "1"
+    assert params["train.micro_batch"] == "0"
 
 
 def test_training_bench_prints_its_tables(tmp_path):
@@ -91,3 +93,22 @@ def test_training_bench_prints_its_tables(tmp_path):
     for line in ("throughput, LeNet", "tutorial ", "ours, batch 256", "time to 54.5% test accuracy",
                  "ours (lenet-bn, muon, test-time flip)", "achieved training FLOP/s", "lenet, batch 256"):
         assert line in proc.stdout, line
+
+
+def test_readme_gpu_bench_command_runs_on_the_cpu(tmp_path):
+    """The README's bench/gpu.py line on the 1,200-image slice with `--device cpu`, its ladder cut to one
+    2-epoch rung and runs to 1 epoch (its compiled variant included): the tables print, the target is
+    judged, and two deterministic runs end with identical weights."""
+    if not MINI.is_file():
+        pytest.skip(f"{MINI} is absent (set IMGCLF_DATASETS to the folder holding cifar10-jpg-mini.tar.gz)")
+    from conftest import readme_command
+
+    command = readme_command("python bench/gpu.py").replace("python bench/", f"python {REPO}/bench/")
+    proc = run(command + f" --device cpu --archive {MINI} --seeds 1 --ladder 2 --ladder-seeds 1"
+               " --set micro_batch=0,epochs=1", tmp_path)
+    assert "determinism: two deterministic runs of 2 epochs are bit-identical" in proc.stdout
+    summary = proc.stdout.split("\nsummary (CPU")[1]
+    rows = [line.split() for line in summary.splitlines()[1:] if line.startswith("  fastnet")]
+    assert [(r[0], r[1], r[-1]) for r in rows] == [("fastnet", "1", "fast-cifar"), ("fastnet", "2", "epochs"),
+                                                   ("fastnet", "1", "compile=true")]
+    assert "time to 91%: not reached; best mean" in summary  # 980 training images: far from 91%
