@@ -101,6 +101,86 @@ def determinism(params, train, val, device: torch.device) -> bool:
     return all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
+@dataclasses.dataclass
+class Bench:
+    """The prepared data, the device and the clock: trains recipes and collects their summary rows."""
+
+    params: object
+    train: object
+    val: object
+    test: object
+    device: torch.device
+    deadline: float
+    out: Path | None
+    rows: list = dataclasses.field(default_factory=list)
+    warm: set = dataclasses.field(default_factory=set)
+
+    def within_budget(self) -> bool:
+        return time.perf_counter() < self.deadline
+
+    def record(self, **result) -> None:
+        if self.out:
+            with self.out.open("a") as f:
+                f.write(json.dumps(result) + "\n")
+
+    def run(self, values: dict, seed: int) -> tuple[float, float, float]:
+        return fast_preset(self.params, self.train, self.val, self.test, values, seed, self.device)
+
+    def measure(self, label: str, values: dict, seeds: int) -> dict | None:
+        """Train the recipe `values` for `seeds` seeds; a run that fails is reported and skipped (one
+        broken recipe must not lose the others' figures)."""
+        shapes = tuple(values[k] for k in ("model", "batch_size", "micro_batch", "compile", "precision",
+                                           "channels_last"))
+        if shapes not in self.warm:  # cuDNN's kernel choice (and torch.compile) for new shapes: not timed
+            log("  warm-up: 1 epoch")
+            self.warm.add(shapes)
+            try:
+                self.run({**values, "epochs": 1}, 99)
+            except Exception:
+                traceback.print_exc()
+                return None
+        results = []
+        for seed in range(seeds):
+            if not self.within_budget():
+                log(f"  {label}: budget spent, seed {seed} not run")
+                break
+            try:
+                results.append(self.run(values, seed))
+            except Exception:
+                traceback.print_exc()
+                break
+            accuracy, seconds, evaluation = results[-1]
+            self.record(part=label, seed=seed, epochs=values["epochs"], model=values["model"],
+                        test_accuracy=accuracy, train_s=seconds, test_scoring_s=evaluation)
+        if not results:
+            return None
+        accuracies, times, evaluations = zip(*results)
+        images = len(self.train.labels) * values["epochs"]
+        achieved = flops_per_image(values["model"]) * images / statistics.median(times)
+        row = dict(label=label, model=values["model"], epochs=values["epochs"], n=len(results),
+                   mean=statistics.mean(accuracies), low=min(accuracies), high=max(accuracies),
+                   time=statistics.median(times), time_low=min(times), time_high=max(times),
+                   scoring=statistics.median(evaluations), tflops=achieved / 1e12)
+        self.rows.append(row)
+        log(f"  {label}: mean {row['mean']:.4f} ({row['low']:.4f}-{row['high']:.4f}, n={row['n']}), "
+            f"{row['time']:.1f} s training ({row['time_low']:.1f}-{row['time_high']:.1f}), {row['tflops']:.1f} TFLOP/s")
+        return row
+
+
+def summarise(rows: list[dict], reached: dict | None, target: float, heading: str) -> None:
+    log(f"\nsummary ({heading}; mean test accuracy over seeds, min-max; median training seconds, min-max)")
+    for row in rows:
+        log(f"  {row['model']:<10} {row['epochs']:>3} ep  {row['mean']:.4f} ({row['low']:.4f}-{row['high']:.4f}, "
+            f"n={row['n']})  {row['time']:7.1f} s ({row['time_low']:.1f}-{row['time_high']:.1f})  "
+            f"+{row['scoring']:.1f} s scoring  {row['tflops']:6.1f} TFLOP/s  {row['label']}")
+    if reached:
+        log(f"time to {target:.0%}: {reached['time']:.1f} s ({reached['label']}, mean {reached['mean']:.4f})")
+    else:
+        best = max(rows, key=lambda r: r["mean"], default=None)
+        log(f"time to {target:.0%}: not reached" + (f"; best mean {best['mean']:.4f} ({best['label']}, "
+                                                     f"{best['time']:.1f} s)" if best else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
@@ -124,107 +204,47 @@ def main() -> None:
     if not args.archive.is_file():
         raise SystemExit(f"{args.archive} is absent")
     forced = parse_keys(args.set)
-
-    def record(**result) -> None:
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(json.dumps(result) + "\n")
+    # The preset, then the rungs of the ladder, then the variants.
+    plan = [(args.preset, {}, args.seeds)]
+    plan += [(f"{args.preset}, {e} epochs", {"epochs": int(e)}, args.ladder_seeds) for e in args.ladder.split(",") if e]
+    ladder_end = len(plan)
+    plan += [(variant, parse_keys(variant), args.variant_seeds) for variant in args.variant]
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     log(f"device: {name}; torch {torch.__version__}, CUDA {torch.version.cuda}")
-    if device.type == "cuda":
-        rate = bf16_matmul_rate(device)
-        log(f"  bf16 matmul 8192^3: {rate / 1e12:.0f} TFLOP/s")
-        record(part="device", name=name, torch=torch.__version__, bf16_tflops=rate / 1e12)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
         prepared, _, params = prepare(args.archive.resolve(), work, extract=False)
         params = dataclasses.replace(params, prepare=dataclasses.replace(params.prepare, out_dir=str(prepared)))
-        train, val, test = arrays(prepared, "train"), arrays(prepared, "val"), arrays(prepared, "test")
-        log(f"data: {len(train.labels)} train, {len(val.labels)} val, {len(test.labels)} test images "
-            f"(prepared in {time.perf_counter() - t0:.0f} s)")
+        bench = Bench(params, arrays(prepared, "train"), arrays(prepared, "val"), arrays(prepared, "test"), device,
+                      started + args.budget_s, args.out)
+        log(f"data: {len(bench.train.labels)} train, {len(bench.val.labels)} val, {len(bench.test.labels)} test "
+            f"images (prepared in {time.perf_counter() - t0:.0f} s)")
         (work / "presets").symlink_to(REPO / "presets")
         base = yaml.safe_load((work / "params.yaml").read_text())
-
         # Every recipe validated before the first run: a typo stops the script at once, not minutes in.
-        plan = [(args.preset, {}, args.seeds)]
-        plan += [(f"{args.preset}, {e} epochs", {"epochs": int(e)}, args.ladder_seeds) for e in args.ladder.split(",") if e]
-        ladder_end = len(plan)
-        plan += [(variant, parse_keys(variant), args.variant_seeds) for variant in args.variant]
         recipes = [recipe(work, base, {"preset": args.preset, **forced, **keys}, label) for label, keys, _ in plan]
 
+        if device.type == "cuda":
+            rate = bf16_matmul_rate(device)
+            log(f"  bf16 matmul 8192^3: {rate / 1e12:.0f} TFLOP/s")
+            bench.record(part="device", name=name, torch=torch.__version__, bf16_tflops=rate / 1e12)
         if "determinism" not in args.skip.split(","):
-            same = determinism(params, train, val, device)
+            same = determinism(params, bench.train, bench.val, device)
             log(f"determinism: two deterministic runs of 2 epochs {'are' if same else 'are NOT'} bit-identical")
-            record(part="determinism", identical=same)
-
-        def within_budget() -> bool:
-            return time.perf_counter() - started < args.budget_s
-
-        rows = []
-
-        warm = set()
-
-        def runs(label: str, values: dict, seeds: int) -> dict | None:
-            """Train the recipe `values` for `seeds` seeds; a run that fails is reported and skipped."""
-            shapes = tuple(values[k] for k in ("model", "batch_size", "micro_batch", "compile", "precision",
-                                               "channels_last"))
-            if shapes not in warm:  # cuDNN's kernel choice (and torch.compile) for new shapes: not timed
-                log("  warm-up: 1 epoch")
-                warm.add(shapes)
-                try:
-                    fast_preset(params, train, val, test, {**values, "epochs": 1}, 99, device)
-                except Exception:
-                    traceback.print_exc()
-                    return None
-            accuracies, times, evaluations = [], [], []
-            for seed in range(seeds):
-                if not within_budget():
-                    log(f"  {label}: budget spent, seed {seed} not run")
-                    break
-                try:
-                    accuracy, seconds, evaluation = fast_preset(params, train, val, test, values, seed, device)
-                except Exception:  # one broken recipe must not lose the others' figures
-                    traceback.print_exc()
-                    break
-                accuracies.append(accuracy), times.append(seconds), evaluations.append(evaluation)
-                record(part=label, seed=seed, epochs=values["epochs"], model=values["model"],
-                       test_accuracy=accuracy, train_s=seconds, test_scoring_s=evaluation)
-            if not accuracies:
-                return None
-            images = len(train.labels) * values["epochs"]
-            achieved = flops_per_image(values["model"]) * images / statistics.median(times)
-            row = dict(label=label, model=values["model"], epochs=values["epochs"], n=len(accuracies),
-                       mean=statistics.mean(accuracies), low=min(accuracies), high=max(accuracies),
-                       time=statistics.median(times), time_low=min(times), time_high=max(times),
-                       scoring=statistics.median(evaluations), tflops=achieved / 1e12)
-            rows.append(row)
-            log(f"  {label}: mean {row['mean']:.4f} ({row['low']:.4f}-{row['high']:.4f}, n={row['n']}), "
-                f"{row['time']:.1f} s training ({row['time_low']:.1f}-{row['time_high']:.1f}), {row['tflops']:.1f} TFLOP/s")
-            return row
+            bench.record(part="determinism", identical=same)
 
         reached = None
         for i, ((label, _, seeds), values) in enumerate(zip(plan, recipes)):
-            if not within_budget() or (reached and i < ladder_end):
+            if not bench.within_budget() or (reached and i < ladder_end):
                 continue
             log(f"\n{label}")
-            row = runs(label, values, seeds)
+            row = bench.measure(label, values, seeds)
             if i < ladder_end and row and row["mean"] >= args.target:
                 reached = row  # the preset, or the first rung of the ladder, that reaches the target
 
-    log(f"\nsummary ({name}; mean test accuracy over seeds, min-max; median training seconds, min-max)"
-        + (f"; every run with {args.set}" if args.set else ""))
-    for row in rows:
-        log(f"  {row['model']:<10} {row['epochs']:>3} ep  {row['mean']:.4f} ({row['low']:.4f}-{row['high']:.4f}, "
-            f"n={row['n']})  {row['time']:7.1f} s ({row['time_low']:.1f}-{row['time_high']:.1f})  "
-            f"+{row['scoring']:.1f} s scoring  {row['tflops']:6.1f} TFLOP/s  {row['label']}")
-    if reached:
-        log(f"time to {args.target:.0%}: {reached['time']:.1f} s ({reached['label']}, mean {reached['mean']:.4f})")
-    else:
-        best = max(rows, key=lambda r: r["mean"], default=None)
-        log(f"time to {args.target:.0%}: not reached" + (f"; best mean {best['mean']:.4f} ({best['label']}, "
-                                                          f"{best['time']:.1f} s)" if best else ""))
+    summarise(bench.rows, reached, args.target, name + (f"; every run with {args.set}" if args.set else ""))
     log(f"total {time.perf_counter() - started:.0f} s")
 
 
