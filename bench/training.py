@@ -194,8 +194,8 @@ def time_to_target(params, train, test, target: float, seed: int, check_every: i
     return float("nan"), state["steps"] * cfg.batch_size
 
 
-def matmul_rate(n: int = 2048, repeats: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_rate(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     start = time.perf_counter()
     for _ in range(repeats):
@@ -256,8 +256,11 @@ def main() -> None:
         prepared, folder, params = prepare(args.archive.resolve(), Path(tmp))
         params = dataclasses.replace(params, prepare=dataclasses.replace(params.prepare, out_dir=str(prepared)))
         train, test = arrays(prepared, "train"), arrays(prepared, "test")
+        from imgclf.train import cpu_has_bf16
+
         log(f"CIFAR-10 JPEG: {len(train.labels)} training, {len(test.labels)} test images; "
-            f"{len(os.sched_getaffinity(0))} CPU threads; torch {torch.__version__}\n")
+            f"{len(os.sched_getaffinity(0))} CPU threads; torch {torch.__version__}; "
+            f"train.precision auto: {'bf16 (this CPU has bf16 units)' if cpu_has_bf16() else 'fp32'}\n")
         rates: dict[str, list[float]] = {"tutorial": [], "ours, batch 4": [], "ours, batch 256": []}
         matmul: list[float] = []
         if parts & {"throughput", "target", "flops"}:

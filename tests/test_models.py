@@ -197,8 +197,9 @@ def test_lenet_bn_is_lenet_with_normalised_pooled_maps():
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on a CPU needs a C compiler (cc)")
 def test_fastnet_compiled_under_bf16_autocast_has_finite_gradients():
-    """`train.compile` with bf16 autocast (what `precision: auto` gives on a GPU), here on the CPU: the
-    compiled backward of a global max-pool written as amax returned NaN for every gradient below it."""
+    """`train.compile` with bf16 autocast (what `precision: auto` gives on a GPU or a CPU with bf16 units),
+    here on the CPU: the compiled backward of a global max-pool written as amax returned NaN for every
+    gradient below it."""
     torch.manual_seed(0)
     model = build(meta_for("fastnet-s"))
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)

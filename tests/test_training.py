@@ -1,18 +1,22 @@
 """The training loop's airbench pieces, in process on random data: the whitening bias freezes on time,
-lookahead resets the weights to their average every 5 steps, Muon's state survives a checkpoint."""
+lookahead resets the weights to their average every 5 steps, Muon's state survives a checkpoint; and the
+precision `auto` picks for the hardware."""
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import REPO
 from imgclf import checkpoint
 from imgclf.config import load_params
 from imgclf.models import build
-from imgclf.train import Arrays, Training
+from imgclf import train as train_module
+from imgclf.train import Arrays, Training, autocast_dtype, cpu_has_bf16
 
 
 def random_split(n: int, seed: int) -> Arrays:
@@ -83,3 +87,39 @@ def test_muon_training_resumed_from_a_checkpoint_ends_with_the_same_weights(tmp_
     resumed.run_epoch()
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def precision(name: str):
+    return dataclasses.replace(load_params(REPO / "params.yaml").train, precision=name)
+
+
+def test_auto_precision_is_bf16_exactly_where_the_cpu_reports_bf16_units():
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo to read the CPU's features from")
+    flags = set(cpuinfo.read_text().split())
+    assert cpu_has_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
+    expected = torch.bfloat16 if cpu_has_bf16() else None
+    assert autocast_dtype(precision("auto"), torch.device("cpu")) is expected
+    assert autocast_dtype(precision("fp32"), torch.device("cpu")) is None
+
+
+def test_bf16_and_fp16_on_a_cpu_that_cannot_run_them_fast_are_refused_by_name(monkeypatch):
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)  # as on a CPU without bf16 units
+    assert autocast_dtype(precision("auto"), torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="train.precision: bf16 on cpu: .*no bf16 units"):
+        autocast_dtype(precision("bf16"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="train.precision: fp16 autocast is for CUDA"):
+        autocast_dtype(precision("fp16"), torch.device("cpu"))
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 units")
+def test_bf16_training_on_the_cpu_computes_in_bf16_and_keeps_fp32_weights():
+    run = make_training(64, batch_size=32, epochs=2, precision="bf16", optimizer="muon", muon_lr=0.1)
+    seen = []
+    run.model.net.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    losses = [run.run_epoch()["train_loss"] for _ in range(2)]
+    assert losses[1] < losses[0] and all(np.isfinite(losses))
+    assert seen[0] == torch.bfloat16  # the training passes ran under autocast
+    assert seen[-1] == torch.float32  # the validation pass after them did not
+    assert all(p.dtype == torch.float32 for p in run.model.parameters())
