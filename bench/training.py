@@ -9,12 +9,14 @@ with the model classes and training loop of this package; the tutorial loop is w
 the reference. Parts:
   throughput  images/s training LeNet: the tutorial loop (ImageFolder with PIL transforms, DataLoader
               with 2 workers, batch 4, SGD lr 0.001 momentum 0.9) over a slice, against our loop (uint8
-              tensors, batched on-device preprocessing) at the tutorial's batch 4 and at batch 256
+              tensors, batched on-device preprocessing) at the tutorial's batch 4 and at batch 256, in the
+              precision `train.precision: auto` picks (bf16 on a CPU with bf16 units: then also in fp32)
   target      wall time for our fastest recipe to reach the tutorial's 54.5% test accuracy, one run per seed (test
               accuracy checked every few steps, with the clock stopped), against the tutorial's 2
               epochs (its throughput from `throughput`, scaled to 100,000 images)
   flops       achieved training FLOP/s (forward + backward FLOPs counted by torch's FlopCounterMode, times
-              images/s) as a share of the fp32 matrix-multiply rate measured beside it in each repeat
+              images/s) as a share of the fp32 matrix-multiply rate measured beside it in each repeat (and
+              of the bf16 rate, on a CPU with bf16 units)
   fast        a preset (`--preset`, default fast-cifar), training from scratch per seed: test accuracy
               and wall time (training, with the per-epoch validation pass), as the README's command runs it
 Throughputs are medians of --repeats runs, measured side by side in one process.
@@ -149,14 +151,14 @@ def training_for(params, train, val, run_on: torch.device = torch.device("cpu"),
     return new_training(run_params, model_meta(run_params, meta), train, val, run_on), cfg
 
 
-def our_throughput(params, train, batch_size: int, images: int) -> float:
+def our_throughput(params, train, batch_size: int, images: int, precision: str = "auto") -> float:
     """Images/s of our loop training LeNet with the tutorial's optimizer, over `images` images."""
     from imgclf.train import Arrays
 
     subset = Arrays(train.images[:images], train.labels[:images])
     tiny_val = Arrays(train.images[:1], train.labels[:1])
     training, _ = training_for(params, subset, tiny_val, model="lenet", optimizer="sgd", lr=0.001, momentum=0.9,
-                               batch_size=batch_size, epochs=2)
+                               batch_size=batch_size, epochs=2, precision=precision)
     training.run_epoch()  # warm-up
     start = time.perf_counter()
     training.run_epoch()
@@ -262,14 +264,21 @@ def main() -> None:
             f"{len(os.sched_getaffinity(0))} CPU threads; torch {torch.__version__}; "
             f"train.precision auto: {'bf16 (this CPU has bf16 units)' if cpu_has_bf16() else 'fp32'}\n")
         rates: dict[str, list[float]] = {"tutorial": [], "ours, batch 4": [], "ours, batch 256": []}
+        if cpu_has_bf16():
+            rates["ours, batch 256, fp32"] = []  # what bf16 gains, side by side
         matmul: list[float] = []
+        matmul_bf16: list[float] = []
         if parts & {"throughput", "target", "flops"}:
             for r in range(args.repeats):
                 rates["tutorial"].append(tutorial_throughput(folder / "train", args.tutorial_batches))
                 rates["ours, batch 4"].append(our_throughput(params, train, 4, 20_000))
                 rates["ours, batch 256"].append(our_throughput(params, train, 256, 50_000))
+                if cpu_has_bf16():
+                    rates["ours, batch 256, fp32"].append(our_throughput(params, train, 256, 50_000, "fp32"))
                 if "flops" in parts:  # this machine's matrix rate drifts: measure it beside each repeat
                     matmul.append(matmul_rate())
+                    if cpu_has_bf16():
+                        matmul_bf16.append(matmul_rate(dtype=torch.bfloat16))
                 log(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()))
             tutorial = statistics.median(rates["tutorial"])
             log("\nthroughput, LeNet (median of %d; min-max)" % args.repeats)
@@ -293,20 +302,28 @@ def main() -> None:
             shares = [f / m for f, m in zip(lenet, matmul)]
             log(f"  lenet, batch 256      {statistics.median(lenet) / 1e9:8.1f} GFLOP/s  {statistics.median(shares):6.1%}"
                 f"  ({min(shares):.1%}-{max(shares):.1%})")
+            if matmul_bf16:  # our loop trained in bf16: its share of the bf16 matrix rate too
+                shares = [f / m for f, m in zip(lenet, matmul_bf16)]
+                log(f"  the same against torch.matmul bf16 ({statistics.median(matmul_bf16) / 1e9:.0f} GFLOP/s, "
+                    f"{min(matmul_bf16) / 1e9:.0f}-{max(matmul_bf16) / 1e9:.0f}): {statistics.median(shares):.1%} "
+                    f"({min(shares):.1%}-{max(shares):.1%})")
             from imgclf.train import Arrays
 
             subset = Arrays(train.images[:10240], train.labels[:10240])
             training, cfg = training_for(params, subset, Arrays(test.images[:1], test.labels[:1]),
                                          **yaml.safe_load((REPO / "presets" / "fast-cifar.yaml").read_text()))
             training.run_epoch()
-            before = matmul_rate()
+            dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_bf16() else [])
+            before = [matmul_rate(dtype=d) for d in dtypes]
             start = time.perf_counter()
             training.run_epoch()
             fast_rate = len(subset.labels) / (time.perf_counter() - start)
-            rate = (before + matmul_rate()) / 2  # the matrix rate just before and just after the epoch
+            # The matrix rates just before and just after the epoch.
+            around = [(b + matmul_rate(dtype=d)) / 2 for b, d in zip(before, dtypes)]
             fast = flops_per_image(cfg.model) * fast_rate
-            log(f"  {cfg.model}, fast preset {fast / 1e9:8.1f} GFLOP/s  {fast / rate:6.1%}  ({fast_rate:.0f} img/s; "
-                f"matmul {rate / 1e9:.0f} GFLOP/s around it)")
+            log(f"  {cfg.model}, fast preset {fast / 1e9:8.1f} GFLOP/s  {fast / around[0]:6.1%}  ({fast_rate:.0f} img/s; "
+                f"matmul {around[0] / 1e9:.0f} GFLOP/s around it" + (
+                    f"; {fast / around[1]:.1%} of bf16's {around[1] / 1e9:.0f} GFLOP/s)" if len(around) > 1 else ")"))
         if "fast" in parts:
             log(f"\n{args.preset} preset, from scratch")
             val = arrays(prepared, "val")
