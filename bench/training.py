@@ -260,11 +260,12 @@ def main() -> None:
         train, test = arrays(prepared, "train"), arrays(prepared, "test")
         from imgclf.train import cpu_has_bf16
 
+        bf16 = cpu_has_bf16()  # train.precision auto then trains in bf16
         log(f"CIFAR-10 JPEG: {len(train.labels)} training, {len(test.labels)} test images; "
             f"{len(os.sched_getaffinity(0))} CPU threads; torch {torch.__version__}; "
-            f"train.precision auto: {'bf16 (this CPU has bf16 units)' if cpu_has_bf16() else 'fp32'}\n")
+            f"train.precision auto: {'bf16 (this CPU has bf16 units)' if bf16 else 'fp32'}\n")
         rates: dict[str, list[float]] = {"tutorial": [], "ours, batch 4": [], "ours, batch 256": []}
-        if cpu_has_bf16():
+        if bf16:
             rates["ours, batch 256, fp32"] = []  # what bf16 gains, side by side
         matmul: list[float] = []
         matmul_bf16: list[float] = []
@@ -273,11 +274,11 @@ def main() -> None:
                 rates["tutorial"].append(tutorial_throughput(folder / "train", args.tutorial_batches))
                 rates["ours, batch 4"].append(our_throughput(params, train, 4, 20_000))
                 rates["ours, batch 256"].append(our_throughput(params, train, 256, 50_000))
-                if cpu_has_bf16():
+                if bf16:
                     rates["ours, batch 256, fp32"].append(our_throughput(params, train, 256, 50_000, "fp32"))
                 if "flops" in parts:  # this machine's matrix rate drifts: measure it beside each repeat
                     matmul.append(matmul_rate())
-                    if cpu_has_bf16():
+                    if bf16:
                         matmul_bf16.append(matmul_rate(dtype=torch.bfloat16))
                 log(f"  repeat {r + 1}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in rates.items()))
             tutorial = statistics.median(rates["tutorial"])
@@ -313,7 +314,7 @@ def main() -> None:
             training, cfg = training_for(params, subset, Arrays(test.images[:1], test.labels[:1]),
                                          **yaml.safe_load((REPO / "presets" / "fast-cifar.yaml").read_text()))
             training.run_epoch()
-            dtypes = [torch.float32] + ([torch.bfloat16] if cpu_has_bf16() else [])
+            dtypes = [torch.float32] + ([torch.bfloat16] if bf16 else [])
             before = [matmul_rate(dtype=d) for d in dtypes]
             start = time.perf_counter()
             training.run_epoch()
