@@ -13,9 +13,9 @@ import torch
 
 from conftest import REPO
 from imgclf import checkpoint
+from imgclf import train as train_module
 from imgclf.config import load_params
 from imgclf.models import build
-from imgclf import train as train_module
 from imgclf.train import Arrays, Training, autocast_dtype, cpu_has_bf16
 
 
@@ -111,6 +111,8 @@ def test_bf16_and_fp16_on_a_cpu_that_cannot_run_them_fast_are_refused_by_name(mo
         autocast_dtype(precision("bf16"), torch.device("cpu"))
     with pytest.raises(ValueError, match="train.precision: fp16 autocast is for CUDA"):
         autocast_dtype(precision("fp16"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="train.precision: bf16 autocast is for CUDA devices and CPUs.*not meta"):
+        autocast_dtype(precision("bf16"), torch.device("meta"))  # a device type that is neither
 
 
 @pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 units")

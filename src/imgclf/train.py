@@ -96,8 +96,11 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     if cfg.precision == "fp16":
         raise ValueError(f"train.precision: fp16 autocast is for CUDA devices; on {device.type} use auto, fp32, "
                          "or bf16 on a CPU with bf16 units (AVX512_BF16 or AMX)")
-    raise ValueError(f"train.precision: bf16 on {device.type}: this {device.type} has no bf16 units (AVX512_BF16 or "
-                     "AMX), where bf16 runs about 3x slower than fp32: use auto or fp32")
+    if device.type == "cpu":
+        raise ValueError("train.precision: bf16 on cpu: this cpu has no bf16 units (AVX512_BF16 or AMX), where "
+                         "bf16 runs about 3x slower than fp32: use auto or fp32")
+    raise ValueError(f"train.precision: bf16 autocast is for CUDA devices and CPUs with bf16 units, not "
+                     f"{device.type}: use auto or fp32")
 
 
 def configure_torch(cfg: TrainConfig) -> None:
