@@ -98,6 +98,13 @@ def test_normalisation_travels_in_the_model():
     x = model.normalise(images)
     torch.testing.assert_close(x, (images.float() / 255 - 0.5) / 0.25)
     assert x.is_contiguous(memory_format=torch.channels_last)
+    # Each channel its own mean and std, in either memory layout.
+    model.mean.copy_(torch.tensor([0.1, 0.5, 0.9]).view(1, 3, 1, 1))
+    model.std.copy_(torch.tensor([0.2, 0.3, 0.4]).view(1, 3, 1, 1))
+    for batch in (images, images.contiguous()):
+        x = model.normalise(batch)
+        torch.testing.assert_close(x, (batch.float() / 255 - model.mean) / model.std)
+        assert x.stride() == batch.stride()
 
 
 def test_checkpoint_round_trip(tmp_path):
