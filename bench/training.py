@@ -1,7 +1,7 @@
 """Benchmark: our training loop against the classic PyTorch tutorial loop, and the fast CIFAR-10 preset.
 
     python bench/training.py --parts throughput,target,flops       # about 10 minutes
-    python bench/training.py --parts fast --seeds 3                 # the fast preset: about 22 minutes a seed
+    python bench/training.py --parts fast --seeds 3                 # the fast preset: 13-22 minutes a seed
     python bench/training.py --parts fast --seeds 1 --preset accurate-cifar
 
 All on the JPEG copy of CIFAR-10 (`--archive`, default ../shared/datasets/cifar10-jpg.tar.gz), on the CPU,
@@ -9,8 +9,9 @@ with the model classes and training loop of this package; the tutorial loop is w
 the reference. Parts:
   throughput  images/s training LeNet: the tutorial loop (ImageFolder with PIL transforms, DataLoader
               with 2 workers, batch 4, SGD lr 0.001 momentum 0.9) over a slice, against our loop (uint8
-              tensors, batched on-device preprocessing) at the tutorial's batch 4 and at batch 256, in the
-              precision `train.precision: auto` picks (bf16 on a CPU with bf16 units: then also in fp32)
+              tensors, batched on-device preprocessing) at the tutorial's batch 4 and at batches 256 and
+              1024, in the precision `train.precision: auto` picks (bf16 on a CPU with bf16 units: then
+              batch 256 also in fp32)
   target      wall time for our fastest recipe to reach the tutorial's 54.5% test accuracy, one run per seed (test
               accuracy checked every few steps, with the clock stopped), against the tutorial's 2
               epochs (its throughput from `throughput`, scaled to 100,000 images)
@@ -264,7 +265,8 @@ def main() -> None:
         log(f"CIFAR-10 JPEG: {len(train.labels)} training, {len(test.labels)} test images; "
             f"{len(os.sched_getaffinity(0))} CPU threads; torch {torch.__version__}; "
             f"train.precision auto: {'bf16 (this CPU has bf16 units)' if bf16 else 'fp32'}\n")
-        rates: dict[str, list[float]] = {"tutorial": [], "ours, batch 4": [], "ours, batch 256": []}
+        rates: dict[str, list[float]] = {"tutorial": [], "ours, batch 4": [], "ours, batch 256": [],
+                                         "ours, batch 1024": []}
         if bf16:
             rates["ours, batch 256, fp32"] = []  # what bf16 gains, side by side
         matmul: list[float] = []
@@ -274,6 +276,7 @@ def main() -> None:
                 rates["tutorial"].append(tutorial_throughput(folder / "train", args.tutorial_batches))
                 rates["ours, batch 4"].append(our_throughput(params, train, 4, 20_000))
                 rates["ours, batch 256"].append(our_throughput(params, train, 256, 50_000))
+                rates["ours, batch 1024"].append(our_throughput(params, train, 1024, 50_000))
                 if bf16:
                     rates["ours, batch 256, fp32"].append(our_throughput(params, train, 256, 50_000, "fp32"))
                 if "flops" in parts:  # this machine's matrix rate drifts: measure it beside each repeat
@@ -299,15 +302,18 @@ def main() -> None:
             log(f"\nachieved training FLOP/s against torch.matmul fp32, measured beside it (median of "
                 f"{args.repeats}; matmul {statistics.median(matmul) / 1e9:.0f} GFLOP/s, "
                 f"{min(matmul) / 1e9:.0f}-{max(matmul) / 1e9:.0f})")
-            lenet = [flops_per_image("lenet") * r for r in rates["ours, batch 256"]]
-            shares = [f / m for f, m in zip(lenet, matmul)]
-            log(f"  lenet, batch 256      {statistics.median(lenet) / 1e9:8.1f} GFLOP/s  {statistics.median(shares):6.1%}"
-                f"  ({min(shares):.1%}-{max(shares):.1%})")
-            if matmul_bf16:  # our loop trained in bf16: its share of the bf16 matrix rate too
-                shares = [f / m for f, m in zip(lenet, matmul_bf16)]
-                log(f"  the same against torch.matmul bf16 ({statistics.median(matmul_bf16) / 1e9:.0f} GFLOP/s, "
-                    f"{min(matmul_bf16) / 1e9:.0f}-{max(matmul_bf16) / 1e9:.0f}): {statistics.median(shares):.1%} "
-                    f"({min(shares):.1%}-{max(shares):.1%})")
+            for batch in (256, 1024):
+                lenet = [flops_per_image("lenet") * r for r in rates[f"ours, batch {batch}"]]
+                shares = [f / m for f, m in zip(lenet, matmul)]
+                line = (f"  lenet, batch {batch:<4}     {statistics.median(lenet) / 1e9:8.1f} GFLOP/s  "
+                        f"{statistics.median(shares):6.1%}  ({min(shares):.1%}-{max(shares):.1%})")
+                if matmul_bf16:  # our loop trained in bf16: its share of the bf16 matrix rate too
+                    shares = [f / m for f, m in zip(lenet, matmul_bf16)]
+                    line += f"; {statistics.median(shares):.1%} of bf16's ({min(shares):.1%}-{max(shares):.1%})"
+                log(line)
+            if matmul_bf16:
+                log(f"  (torch.matmul bf16: {statistics.median(matmul_bf16) / 1e9:.0f} GFLOP/s, "
+                    f"{min(matmul_bf16) / 1e9:.0f}-{max(matmul_bf16) / 1e9:.0f})")
             from imgclf.train import Arrays
 
             subset = Arrays(train.images[:10240], train.labels[:10240])

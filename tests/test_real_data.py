@@ -92,8 +92,9 @@ def test_training_bench_prints_its_tables(tmp_path):
         pytest.skip(f"{MINI} is absent (set IMGCLF_DATASETS to the folder holding cifar10-jpg-mini.tar.gz)")
     proc = run(["python", str(REPO / "bench" / "training.py"), "--archive", str(MINI), "--repeats", "1",
                 "--tutorial-batches", "20", "--parts", "throughput,target,flops"], tmp_path)
-    for line in ("throughput, LeNet", "tutorial ", "ours, batch 256", "time to 54.5% test accuracy",
-                 "ours (lenet-bn, muon, test-time flip)", "achieved training FLOP/s", "lenet, batch 256"):
+    for line in ("throughput, LeNet", "tutorial ", "ours, batch 256", "ours, batch 1024",
+                 "time to 54.5% test accuracy", "ours (lenet-bn, muon, test-time flip)", "achieved training FLOP/s",
+                 "lenet, batch 256", "lenet, batch 1024"):
         assert line in proc.stdout, line
 
 
