@@ -287,7 +287,7 @@ def main() -> None:
             tutorial = statistics.median(rates["tutorial"])
             log("\nthroughput, LeNet (median of %d; min-max)" % args.repeats)
             for name, values in rates.items():
-                log(f"  {name:<18} {statistics.median(values):>8.0f} img/s ({min(values):.0f}-{max(values):.0f})"
+                log(f"  {name:<21} {statistics.median(values):>8.0f} img/s ({min(values):.0f}-{max(values):.0f})"
                     f"  {statistics.median(values) / tutorial:>6.1f}x the tutorial")
         if "target" in parts:
             tutorial_time = TUTORIAL_IMAGES / statistics.median(rates["tutorial"])
