@@ -303,8 +303,9 @@ def main() -> None:
             log(f"\nachieved training FLOP/s against torch.matmul fp32, measured beside it (median of "
                 f"{args.repeats}; matmul {statistics.median(matmul) / 1e9:.0f} GFLOP/s, "
                 f"{min(matmul) / 1e9:.0f}-{max(matmul) / 1e9:.0f})")
+            lenet_flops = flops_per_image("lenet")
             for batch in (256, 1024):
-                lenet = [flops_per_image("lenet") * r for r in rates[f"ours, batch {batch}"]]
+                lenet = [lenet_flops * r for r in rates[f"ours, batch {batch}"]]
                 shares = [f / m for f, m in zip(lenet, matmul)]
                 line = (f"  lenet, batch {batch:<4}     {statistics.median(lenet) / 1e9:8.1f} GFLOP/s  "
                         f"{statistics.median(shares):6.1%}  ({min(shares):.1%}-{max(shares):.1%})")
