@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,11 +74,9 @@ def log_model(model_dir: Path, example: np.ndarray, serving: dict):
 
     import mlflow
 
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as tmp:
         limits = Path(tmp) / "serving.json"
         limits.write_text(json.dumps(serving))
-        # The output type hint (a list of dicts of mixed values) has no stricter MLflow schema.
-        warnings.filterwarnings("ignore", message=".*Any type hint is inferred as AnyType")
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PACKAGE_DIR / "model_code.py"),

@@ -160,8 +160,11 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             probs = predict_proba(self.model, pixels)
         return predictions(probs, self.meta["classes"], self.limits["top_k"])
 
-    def predict(self, model_input: list[bytes], params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-        """Image files in, predictions out (in process; the served model goes through the guard)."""
+    # No return annotation: MLflow derives the output schema from it, and a list of dicts of mixed
+    # values has no stricter schema than "any", for which it warns on every log_model.
+    def predict(self, model_input: list[bytes], params: dict[str, Any] | None = None):
+        """Image files in, one dict of `predictions` per image out (in process; the served model goes
+        through the guard)."""
         if len(model_input) > self.limits["max_images"]:
             raise MlflowException(f"{len(model_input)} images, over the limit of {self.limits['max_images']}",
                                   error_code=INVALID_PARAMETER_VALUE)
