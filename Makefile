@@ -1,19 +1,34 @@
-# `make run`: create .venv, install the pinned requirements, run the pipeline (dvc repro).
-# `make test`: the same environment, then the test suite (this is what .ci/run calls).
+# `make run`:       create .venv, install the pinned requirements, run the pipeline (dvc repro).
+# `make test`:      the same environment plus the development tools, then the whole test suite (CI runs it).
+# `make test-fast`: the unit tests only (no dvc, MLflow or HTTP processes): the edit loop.
+# `make lint`:      ruff's checks and its formatting, as CI runs them before the tests.
 VENV ?= .venv
 # The interpreter that creates the venv, found before the venv goes first on PATH.
 PYTHON ?= $(shell command -v python3)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test venv clean
+.PHONY: run test test-fast lint format venv clean
 
 run: $(VENV)/.installed
 	dvc repro
 
 # pytest exits 5 when it collects no tests: say so, and fail.
-test: $(VENV)/.installed
+test: $(VENV)/.dev-installed
 	python -m pytest; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$status
+
+test-fast: $(VENV)/.dev-installed
+	python -m pytest -m "not integration"; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; fi; exit $$status
+
+lint: $(VENV)/.dev-installed
+	ruff check .
+	ruff format --check .
+
+# Rewrite the code as `make lint` wants it.
+format: $(VENV)/.dev-installed
+	ruff check --fix .
+	ruff format .
 
 venv: $(VENV)/.installed
 
@@ -21,6 +36,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
+	touch $@
+
+$(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
+	$(VENV)/bin/python -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
 clean:

@@ -13,9 +13,7 @@ augmentation) over the same images. Prints medians over --repeats, the ratio, pe
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -28,35 +26,42 @@ MODES = ("default", "kept")
 
 def measure(mode: str, preset: str, images: int) -> dict[str, float]:
     """One process's figures: training and scoring images/s, peak RSS (MiB), minor page faults."""
+    # Imported in the measuring child only: the parent just starts children and prints their figures.
     import resource
 
     import numpy as np
     import torch
-    import yaml
+    from training import committed, preset_keys, with_train  # the sibling script: bench/ is on sys.path
 
     from imgclf.allocator import keep_freed_memory
-    from imgclf.config import load_params
+    from imgclf.cpus import available_cpus
     from imgclf.models import predict_proba
-    from imgclf.train import Arrays, model_meta, new_training
+    from imgclf.train import Arrays, fit, new_card
 
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(available_cpus())
     if mode == "kept":
         keep_freed_memory()
-    params = load_params(REPO / "params.yaml")
-    values = yaml.safe_load((REPO / "presets" / f"{preset}.yaml").read_text())
-    params = dataclasses.replace(params, train=dataclasses.replace(params.train, **values))
+    params = with_train(committed(), **{**preset_keys(preset), "epochs": 2})
     rng = np.random.default_rng(0)
-    data = Arrays(rng.integers(0, 256, (images, 32, 32, 3), dtype=np.uint8),
-                  rng.integers(0, 10, images).astype(np.int64))
-    meta = model_meta(params, {"classes": [str(i) for i in range(10)], "image_size": 32, "channels": 3,
-                               "mean": [0.5] * 3, "std": [0.25] * 3})
-    training = new_training(params, meta, data, Arrays(data.images[:1], data.labels[:1]), torch.device("cpu"))
-    training.run_epoch()  # warm-up
+    data = Arrays(
+        rng.integers(0, 256, (images, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, images).astype(np.int64)
+    )
+    card = new_card(
+        params,
+        {"classes": [str(i) for i in range(10)], "image_size": 32, "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3},
+    )
+    ends: list[float] = []
+    result = fit(
+        params,
+        card,
+        data,
+        Arrays(data.images[:1], data.labels[:1]),
+        torch.device("cpu"),
+        on_epoch=lambda training, metrics: ends.append(time.perf_counter()),
+    )
+    train_rate = images / (ends[1] - ends[0])  # the second epoch; the first warms up
     start = time.perf_counter()
-    training.run_epoch()
-    train_rate = images / (time.perf_counter() - start)
-    start = time.perf_counter()
-    predict_proba(training.final_model, data.images, 512, torch.device("cpu"))
+    predict_proba(result.model, data.images, 512, torch.device("cpu"))
     score_rate = images / (time.perf_counter() - start)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {"train": train_rate, "score": score_rate, "peak_mib": usage.ru_maxrss / 1024, "faults": usage.ru_minflt}
@@ -75,18 +80,27 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     for r in range(args.repeats):
         for mode in MODES:
-            out = subprocess.run([sys.executable, __file__, "--child", mode, "--preset", args.preset,
-                                  "--images", str(args.images)], check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", mode, "--preset", args.preset, "--images", str(args.images)],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             results[mode].append(json.loads(out.stdout.splitlines()[-1]))
-            print(f"  repeat {r + 1}, {mode}: " + ", ".join(f"{k} {v:.0f}" for k, v in results[mode][-1].items()),
-                  flush=True)
+            print(
+                f"  repeat {r + 1}, {mode}: " + ", ".join(f"{k} {v:.0f}" for k, v in results[mode][-1].items()),
+                flush=True,
+            )
     print(f"\n{args.preset}, {args.images} images, median of {args.repeats} (min-max)")
     print(f"  {'malloc':<10}{'train img/s':>22}{'score img/s':>22}{'peak MiB':>10}{'page faults':>13}")
     for mode in MODES:
         row = {k: [x[k] for x in results[mode]] for k in results[mode][0]}
-        cells = "".join(f"{statistics.median(row[k]):>9.0f} ({min(row[k]):.0f}-{max(row[k]):.0f})"
-                        for k in ("train", "score"))
-        print(f"  {mode:<10}{cells}{statistics.median(row['peak_mib']):>10.0f}{statistics.median(row['faults']):>13.0f}")
+        cells = "".join(
+            f"{statistics.median(row[k]):>9.0f} ({min(row[k]):.0f}-{max(row[k]):.0f})" for k in ("train", "score")
+        )
+        print(
+            f"  {mode:<10}{cells}{statistics.median(row['peak_mib']):>10.0f}{statistics.median(row['faults']):>13.0f}"
+        )
     for k in ("train", "score"):
         ratio = statistics.median(x[k] for x in results["kept"]) / statistics.median(x[k] for x in results["default"])
         print(f"  {k}: kept / default = {ratio:.2f}x")

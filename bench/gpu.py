@@ -33,7 +33,6 @@ import dataclasses
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import traceback
@@ -42,8 +41,12 @@ from pathlib import Path
 import torch
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training import DEFAULT_ARCHIVE, REPO, arrays, fast_preset, flops_per_image, log, prepare  # noqa: E402
+# The sibling script: running `python bench/gpu.py` puts bench/ on sys.path.
+from training import DEFAULT_ARCHIVE, arrays, card, fast_preset, flops_per_image, log, prepare, with_train
+
+from imgclf.config import RUN_KEYS, ConfigError, load_params
+from imgclf.devices import deterministic_environment
+from imgclf.train import fit
 
 
 def parse_keys(text: str) -> dict:
@@ -56,21 +59,15 @@ def parse_keys(text: str) -> dict:
 
 
 def recipe(work: Path, base: dict, keys: dict, label: str) -> dict:
-    """The train section: the preset `keys["preset"]` (a preset's keys replace params.yaml's), then the
-    other keys over it; validated as the pipeline validates params.yaml (a bad key stops, named)."""
-    from imgclf.config import ConfigError, load_params
-
+    """The recipe keys of the preset `keys["preset"]` with the other keys over it, resolved and validated
+    as the pipeline does it with params.yaml (a bad key stops the script, named)."""
     path = work / "variant.yaml"
-
-    def load(train: dict) -> dict:
-        path.write_text(yaml.safe_dump({**base, "train": train}))
-        try:
-            return dataclasses.asdict(load_params(path).train)
-        except ConfigError as exc:
-            raise SystemExit(f"error: {label}: {exc}") from None
-
-    preset = load({**base["train"], "preset": keys.get("preset", "none")})
-    return load({**preset, **{k: v for k, v in keys.items() if k != "preset"}, "preset": "none"})
+    path.write_text(yaml.safe_dump({**base, "train": {**base["train"], **keys}}))
+    try:
+        train = dataclasses.asdict(load_params(path).train)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {label}: {exc}") from None
+    return {k: v for k, v in train.items() if k not in RUN_KEYS}
 
 
 def bf16_matmul_rate(device: torch.device, n: int = 8192, repeats: int = 10) -> float:
@@ -88,16 +85,25 @@ def bf16_matmul_rate(device: torch.device, n: int = 8192, repeats: int = 10) -> 
 
 def determinism(params, train, val, device: torch.device) -> bool:
     """Two deterministic runs of the same 2 epochs end with bit-identical weights."""
-    from training import training_for
-
+    run = with_train(
+        params,
+        model="fastnet-s",
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        batch_size=256,
+        epochs=2,
+        flip=True,
+        translate=2,
+        deterministic=True,
+        precision="auto",
+        seed=0,
+    )
+    deterministic_environment(os.environ, run.train)
     states = []
     for _ in range(2):
-        training, _ = training_for(params, train, val, device, model="fastnet-s", optimizer="sgd", lr=0.1,
-                                   momentum=0.9, batch_size=256, epochs=2, flip=True, translate=2,
-                                   deterministic=True, precision="auto", seed=0)
-        training.run_epoch()
-        training.run_epoch()
-        states.append({k: v.detach().cpu().clone() for k, v in training.model.state_dict().items()})
+        model = fit(run, card(run), train, val, device).model
+        states.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     return all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
 
@@ -129,8 +135,9 @@ class Bench:
     def measure(self, label: str, values: dict, seeds: int) -> dict | None:
         """Train the recipe `values` for `seeds` seeds; a run that fails is reported and skipped (one
         broken recipe must not lose the others' figures)."""
-        shapes = tuple(values[k] for k in ("model", "batch_size", "micro_batch", "compile", "precision",
-                                           "channels_last"))
+        shapes = tuple(
+            values[k] for k in ("model", "batch_size", "micro_batch", "compile", "precision", "channels_last")
+        )
         if shapes not in self.warm:  # cuDNN's kernel choice (and torch.compile) for new shapes: not timed
             log("  warm-up: 1 epoch")
             self.warm.add(shapes)
@@ -150,35 +157,58 @@ class Bench:
                 traceback.print_exc()
                 break
             accuracy, seconds, evaluation = results[-1]
-            self.record(part=label, seed=seed, epochs=values["epochs"], model=values["model"],
-                        test_accuracy=accuracy, train_s=seconds, test_scoring_s=evaluation)
+            self.record(
+                part=label,
+                seed=seed,
+                epochs=values["epochs"],
+                model=values["model"],
+                test_accuracy=accuracy,
+                train_s=seconds,
+                test_scoring_s=evaluation,
+            )
         if not results:
             return None
         accuracies, times, evaluations = zip(*results)
         images = len(self.train.labels) * values["epochs"]
         achieved = flops_per_image(values["model"]) * images / statistics.median(times)
-        row = dict(label=label, model=values["model"], epochs=values["epochs"], n=len(results),
-                   mean=statistics.mean(accuracies), low=min(accuracies), high=max(accuracies),
-                   time=statistics.median(times), time_low=min(times), time_high=max(times),
-                   scoring=statistics.median(evaluations), tflops=achieved / 1e12)
+        row = dict(
+            label=label,
+            model=values["model"],
+            epochs=values["epochs"],
+            n=len(results),
+            mean=statistics.mean(accuracies),
+            low=min(accuracies),
+            high=max(accuracies),
+            time=statistics.median(times),
+            time_low=min(times),
+            time_high=max(times),
+            scoring=statistics.median(evaluations),
+            tflops=achieved / 1e12,
+        )
         self.rows.append(row)
-        log(f"  {label}: mean {row['mean']:.4f} ({row['low']:.4f}-{row['high']:.4f}, n={row['n']}), "
-            f"{row['time']:.1f} s training ({row['time_low']:.1f}-{row['time_high']:.1f}), {row['tflops']:.1f} TFLOP/s")
+        log(
+            f"  {label}: mean {row['mean']:.4f} ({row['low']:.4f}-{row['high']:.4f}, n={row['n']}), "
+            f"{row['time']:.1f} s training ({row['time_low']:.1f}-{row['time_high']:.1f}), {row['tflops']:.1f} TFLOP/s"
+        )
         return row
 
 
 def summarise(rows: list[dict], reached: dict | None, target: float, heading: str) -> None:
     log(f"\nsummary ({heading}; mean test accuracy over seeds, min-max; median training seconds, min-max)")
     for row in rows:
-        log(f"  {row['model']:<10} {row['epochs']:>3} ep  {row['mean']:.4f} ({row['low']:.4f}-{row['high']:.4f}, "
+        log(
+            f"  {row['model']:<10} {row['epochs']:>3} ep  {row['mean']:.4f} ({row['low']:.4f}-{row['high']:.4f}, "
             f"n={row['n']})  {row['time']:7.1f} s ({row['time_low']:.1f}-{row['time_high']:.1f})  "
-            f"+{row['scoring']:.1f} s scoring  {row['tflops']:6.1f} TFLOP/s  {row['label']}")
+            f"+{row['scoring']:.1f} s scoring  {row['tflops']:6.1f} TFLOP/s  {row['label']}"
+        )
     if reached:
         log(f"time to {target:.0%}: {reached['time']:.1f} s ({reached['label']}, mean {reached['mean']:.4f})")
     else:
         best = max(rows, key=lambda r: r["mean"], default=None)
-        log(f"time to {target:.0%}: not reached" + (f"; best mean {best['mean']:.4f} ({best['label']}, "
-                                                     f"{best['time']:.1f} s)" if best else ""))
+        log(
+            f"time to {target:.0%}: not reached"
+            + (f"; best mean {best['mean']:.4f} ({best['label']}, {best['time']:.1f} s)" if best else "")
+        )
 
 
 def main() -> None:
@@ -188,7 +218,9 @@ def main() -> None:
     parser.add_argument("--preset", default="fast-cifar")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--target", type=float, default=0.94)
-    parser.add_argument("--ladder", default="", help="epoch counts to try when the preset misses the target, e.g. 10,14,20")
+    parser.add_argument(
+        "--ladder", default="", help="epoch counts to try when the preset misses the target, e.g. 10,14,20"
+    )
     parser.add_argument("--ladder-seeds", type=int, default=2)
     parser.add_argument("--variant", action="append", default=[], help="train keys K=V[,K=V...] over the preset")
     parser.add_argument("--variant-seeds", type=int, default=1)
@@ -217,11 +249,19 @@ def main() -> None:
         t0 = time.perf_counter()
         prepared, _, params = prepare(args.archive.resolve(), work, extract=False)
         params = dataclasses.replace(params, prepare=dataclasses.replace(params.prepare, out_dir=str(prepared)))
-        bench = Bench(params, arrays(prepared, "train"), arrays(prepared, "val"), arrays(prepared, "test"), device,
-                      started + args.budget_s, args.out)
-        log(f"data: {len(bench.train.labels)} train, {len(bench.val.labels)} val, {len(bench.test.labels)} test "
-            f"images (prepared in {time.perf_counter() - t0:.0f} s)")
-        (work / "presets").symlink_to(REPO / "presets")
+        bench = Bench(
+            params,
+            arrays(prepared, "train"),
+            arrays(prepared, "val"),
+            arrays(prepared, "test"),
+            device,
+            started + args.budget_s,
+            args.out,
+        )
+        log(
+            f"data: {len(bench.train.labels)} train, {len(bench.val.labels)} val, {len(bench.test.labels)} test "
+            f"images (prepared in {time.perf_counter() - t0:.0f} s)"
+        )
         base = yaml.safe_load((work / "params.yaml").read_text())
         # Every recipe validated before the first run: a typo stops the script at once, not minutes in.
         recipes = [recipe(work, base, {"preset": args.preset, **forced, **keys}, label) for label, keys, _ in plan]

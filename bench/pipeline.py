@@ -46,8 +46,10 @@ def main() -> None:
             noop.extend(these)
             print(f"{i:>4} {full[-1]:>14.1f} {', '.join(f'{t:.2f}' for t in these):>30}")
     for name, values in (("dvc repro, every stage", full), ("dvc repro, nothing to do", noop)):
-        print(f"{name}: median {statistics.median(values):.2f} s, min {min(values):.2f}, max {max(values):.2f} "
-              f"(n={len(values)})")
+        print(
+            f"{name}: median {statistics.median(values):.2f} s, min {min(values):.2f}, max {max(values):.2f} "
+            f"(n={len(values)})"
+        )
 
 
 if __name__ == "__main__":

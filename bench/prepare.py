@@ -113,8 +113,10 @@ def main() -> None:
         for name, rows in results.items():
             seconds = statistics.median(s for s, _ in rows)
             spread = f"{min(s for s, _ in rows):.2f}-{max(s for s, _ in rows):.2f}"
-            print(f"     {name:<26} {seconds:>8.2f} ({spread}) {n_images / seconds:>9.0f} images/s, "
-                  f"peak {statistics.median(p for _, p in rows):.0f} MiB, {base / seconds:.2f}x ImageFolder")
+            print(
+                f"     {name:<26} {seconds:>8.2f} ({spread}) {n_images / seconds:>9.0f} images/s, "
+                f"peak {statistics.median(p for _, p in rows):.0f} MiB, {base / seconds:.2f}x ImageFolder"
+            )
 
 
 if __name__ == "__main__":

@@ -55,17 +55,40 @@ def build_models(root: Path, env: dict[str, str]) -> list[tuple[str, str]]:
     else:
         data = ["-S", "data.channels=3"]
         name = "digits-fastnet"
-    sh(["dvc", "exp", "run", "-S", "train.model=fastnet", "-S", "train.epochs=1", "-S", "train.batch_size=256",
-        "-S", "train.optimizer=sgd", "-S", "train.lr=0.1", *data], root, env)
+    sh(
+        [
+            "dvc",
+            "exp",
+            "run",
+            "-S",
+            "train.model=fastnet",
+            "-S",
+            "train.epochs=1",
+            "-S",
+            "train.batch_size=256",
+            "-S",
+            "train.optimizer=sgd",
+            "-S",
+            "train.lr=0.1",
+            *data,
+        ],
+        root,
+        env,
+    )
     models.append(("fastnet (32x32 RGB)", name))
     return models
 
 
 def serve(root: Path, name: str, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    proc = subprocess.Popen(["mlflow", "models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local",
-                             "-p", str(port)], cwd=root, env={**env, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", f"models:/{name}@champion", "--env-manager", "local", "-p", str(port)],
+        cwd=root,
+        env={**env, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 180
     while True:
         try:
@@ -143,8 +166,15 @@ for _ in range({batches}):
     model.classify(model.decode_all(files))
 print(len(files) * {batches} / (time.perf_counter() - start))
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, check=True, capture_output=True, text=True,
-                         input=json.dumps([base64.b64encode(f).decode() for f in files])).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        input=json.dumps([base64.b64encode(f).decode() for f in files]),
+    ).stdout
     return float(out.strip().splitlines()[-1])
 
 

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import os
 import statistics
+import subprocess
 import tarfile
 import tempfile
 import time
@@ -37,12 +38,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision.transforms as transforms
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
+from torchvision.datasets import ImageFolder
+
+from imgclf import download
+from imgclf import prepare as prepare_stage
+from imgclf.allocator import keep_freed_memory
+from imgclf.card import CARD_VERSION, ModelCard
+from imgclf.config import RUN_KEYS, Params, load_params
+from imgclf.cpus import available_cpus
+from imgclf.devices import cpu_has_bf16
+from imgclf.models import TutorialLeNet, build, to_nchw
+from imgclf.train import Arrays, Training, fit, new_card, score
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
 TUTORIAL_ACCURACY = 0.545  # the tutorial loop's 2-epoch test accuracy on this data (datasets README)
 TUTORIAL_IMAGES = 100_000  # its 2 epochs
+CPU = torch.device("cpu")
 
 # Our fastest way to the tutorial's accuracy, among the recipes tried (LeNet, LeNet with batch norm and
 # fastnet-s; Adam, SGD and Muon; batch 64 to 1024; with and without test-time flip): LeNet with batch norm,
@@ -51,9 +66,21 @@ TUTORIAL_IMAGES = 100_000  # its 2 epochs
 # when sized for 2 epochs, and 33,280 at batch 256: medians over seeds 3-7, measured side by side), scored
 # with test-time flip (as `train.tta_flip` makes evaluation and serving do); measured as the time until
 # test accuracy first reaches the target, within that one epoch.
-TARGET_RECIPE = dict(model="lenet-bn", optimizer="muon", lr=0.05, momentum=0.9, nesterov=True, muon_lr=0.1,
-                     muon_momentum=0.6, batch_size=128, epochs=1, schedule="onecycle", warmup_fraction=0.05,
-                     final_lr_fraction=0.1, tta_flip=True)
+TARGET_RECIPE = dict(
+    model="lenet-bn",
+    optimizer="muon",
+    lr=0.05,
+    momentum=0.9,
+    nesterov=True,
+    muon_lr=0.1,
+    muon_momentum=0.6,
+    batch_size=128,
+    epochs=1,
+    schedule="onecycle",
+    warmup_fraction=0.05,
+    final_lr_fraction=0.1,
+    tta_flip=True,
+)
 
 
 def log(*args) -> None:
@@ -62,21 +89,36 @@ def log(*args) -> None:
 
 # ---- data ---------------------------------------------------------------------------------------
 
-def prepare(archive: Path, work: Path, extract: bool = True) -> tuple[Path, Path | None, "object"]:
+
+def shipped_text(name: str) -> str:
+    """A tracked file of the project as git's index holds it (as the tests read it), not as the workspace
+    does: `dvc exp run` leaves an experiment's params applied there. The file itself outside a checkout."""
+    shown = subprocess.run(["git", "show", f":{name}"], cwd=REPO, capture_output=True, text=True)
+    return shown.stdout if shown.returncode == 0 else (REPO / name).read_text()
+
+
+def committed_params() -> dict:
+    """The project's params.yaml as shipped (see shipped_text)."""
+    return yaml.safe_load(shipped_text("params.yaml"))
+
+
+def copy_presets(dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in sorted((REPO / "presets").glob("*.yaml")):
+        (dest / path.name).write_text(shipped_text(f"presets/{path.name}"))
+
+
+def prepare(archive: Path, work: Path, extract: bool = True) -> tuple[Path, Path | None, Params]:
     """Our prepared arrays (the prepare stage, as the README's fast-cifar command makes them: 2% of the
     training images held out for validation) and, with `extract`, the archive extracted to a folder."""
-    from imgclf.config import load_params
-
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = committed_params()
     params["data"].update(dataset="imagefolder", path=str(archive), image_size=32)
     params["prepare"].update(val_fraction=0.02)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
+    copy_presets(work / "presets")
     cwd = os.getcwd()
     os.chdir(work)
     try:
-        from imgclf import download
-        from imgclf import prepare as prepare_stage
-
         download.main(["--params", "params.yaml"])
         prepare_stage.main(["--params", "params.yaml"])
     finally:
@@ -90,41 +132,22 @@ def prepare(archive: Path, work: Path, extract: bool = True) -> tuple[Path, Path
     return work / "data" / "prepared", top, load_params(work / "params.yaml")
 
 
-def arrays(prepared: Path, *splits: str):
-    from imgclf.train import Arrays
-
-    return Arrays(np.concatenate([np.load(prepared / f"{s}_images.npy") for s in splits]),
-                  np.concatenate([np.load(prepared / f"{s}_labels.npy") for s in splits]))
+def arrays(prepared: Path, *splits: str) -> Arrays:
+    return Arrays(
+        np.concatenate([np.load(prepared / f"{s}_images.npy") for s in splits]),
+        np.concatenate([np.load(prepared / f"{s}_labels.npy") for s in splits]),
+    )
 
 
 # ---- the reference: the PyTorch tutorial's training loop ------------------------------------------
 
-def tutorial_net():
-    """The tutorial's LeNet as it is written there: ReLU, then max-pool (ours pools first, the same
-    function with less work, tested in tests/test_models.py)."""
-    import torch.nn.functional as F
-
-    from imgclf.models import LeNet
-
-    class TutorialNet(LeNet):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            x = self.pool(F.relu(self.conv1(x)))
-            x = self.pool(F.relu(self.conv2(x)))
-            x = torch.flatten(x, 1)
-            return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
-
-    return TutorialNet(3, 32, 10)
-
 
 def tutorial_throughput(train_dir: Path, batches: int) -> float:
     """Images/s of the "Training a Classifier" tutorial loop over `batches` batches of 4."""
-    import torchvision.transforms as transforms
-    from torchvision.datasets import ImageFolder
-
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
     trainset = ImageFolder(str(train_dir), transform=transform)
     loader = torch.utils.data.DataLoader(trainset, batch_size=4, shuffle=True, num_workers=2)
-    net = tutorial_net()
+    net = TutorialLeNet(3, 32, 10)  # the tutorial's net as it writes it: ReLU, then max-pool
     criterion = torch.nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(net.parameters(), lr=0.001, momentum=0.9)
     it = iter(loader)
@@ -142,45 +165,66 @@ def tutorial_throughput(train_dir: Path, batches: int) -> float:
 
 # ---- ours -----------------------------------------------------------------------------------------
 
-def training_for(params, train, val, run_on: torch.device = torch.device("cpu"), **overrides):
-    """A fresh Training of params' train section with `overrides` (train keys), on the device `run_on`."""
-    from imgclf.train import configure_torch, model_meta, new_training
 
-    cfg = dataclasses.replace(params.train, **overrides)
-    run_params = dataclasses.replace(params, train=cfg)
-    configure_torch(cfg)
-    meta = json.loads((Path(params.prepare.out_dir) / "meta.json").read_text())
-    return new_training(run_params, model_meta(run_params, meta), train, val, run_on), cfg
+def with_train(params: Params, **keys) -> Params:
+    """`params` with these train keys replaced (a recipe's, a preset's)."""
+    return dataclasses.replace(params, train=dataclasses.replace(params.train, **keys))
 
 
-def our_throughput(params, train, batch_size: int, images: int, precision: str = "auto") -> float:
-    """Images/s of our loop training LeNet with the tutorial's optimizer, over `images` images."""
-    from imgclf.train import Arrays
+def card(params: Params) -> ModelCard:
+    """The model card of params' recipe for the prepared data."""
+    return new_card(params, json.loads((Path(params.prepare.out_dir) / "meta.json").read_text()))
 
+
+def committed(preset: str = "default") -> Params:
+    """The committed params (see committed_params) with `train.preset: preset`, loaded as the pipeline
+    loads them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        params = committed_params()
+        params["train"].update(preset=preset)
+        (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params))
+        copy_presets(Path(tmp) / "presets")
+        return load_params(Path(tmp) / "params.yaml")
+
+
+def preset_keys(name: str) -> dict:
+    """The recipe keys of a preset, resolved through its bases as the pipeline resolves them."""
+    return {k: v for k, v in dataclasses.asdict(committed(name).train).items() if k not in RUN_KEYS}
+
+
+def our_throughput(params: Params, train: Arrays, batch_size: int, images: int, precision: str = "auto") -> float:
+    """Images/s of our loop training LeNet with the tutorial's optimizer, over `images` images: the second
+    of two epochs (the first warms up)."""
     subset = Arrays(train.images[:images], train.labels[:images])
     tiny_val = Arrays(train.images[:1], train.labels[:1])
-    training, _ = training_for(params, subset, tiny_val, model="lenet", optimizer="sgd", lr=0.001, momentum=0.9,
-                               batch_size=batch_size, epochs=2, precision=precision)
-    training.run_epoch()  # warm-up
-    start = time.perf_counter()
-    training.run_epoch()
-    return len(subset.labels) / (time.perf_counter() - start)  # fewer than `images` on a small archive
+    run = with_train(
+        params,
+        model="lenet",
+        optimizer="sgd",
+        lr=0.001,
+        momentum=0.9,
+        batch_size=batch_size,
+        epochs=2,
+        precision=precision,
+    )
+    ends: list[float] = []
+    fit(run, card(run), subset, tiny_val, CPU, on_epoch=lambda training, metrics: ends.append(time.perf_counter()))
+    return len(subset.labels) / (ends[1] - ends[0])  # fewer than `images` on a small archive
 
 
 class Reached(Exception):
     pass
 
 
-def time_to_target(params, train, test, target: float, seed: int, check_every: int = 5) -> tuple[float, int]:
+def time_to_target(
+    params: Params, train: Arrays, test: Arrays, target: float, seed: int, check_every: int = 5
+) -> tuple[float, int]:
     """Training seconds (clock stopped while checking) until test accuracy >= target; and images seen."""
-    from imgclf.models import to_nchw
-    from imgclf.train import score
-
-    training, cfg = training_for(params, train, test, **TARGET_RECIPE, seed=seed)
-    x_test, y_test = to_nchw(test.images, torch.device("cpu")), torch.from_numpy(test.labels)
+    run = with_train(params, **TARGET_RECIPE, seed=seed)
+    x_test, y_test = to_nchw(test.images, CPU), torch.from_numpy(test.labels)
     state = {"steps": 0, "elapsed": 0.0, "t0": time.perf_counter()}
 
-    def on_step() -> None:
+    def on_step(training: Training) -> None:
         state["steps"] += 1
         if state["steps"] % check_every:
             return
@@ -191,11 +235,10 @@ def time_to_target(params, train, test, target: float, seed: int, check_every: i
         state["t0"] = time.perf_counter()
 
     try:
-        while training.epoch < cfg.epochs:
-            training.run_epoch(on_step=on_step)
+        fit(run, card(run), train, test, CPU, on_step=on_step)
     except Reached:
-        return state["elapsed"], state["steps"] * cfg.batch_size
-    return float("nan"), state["steps"] * cfg.batch_size
+        return state["elapsed"], state["steps"] * run.train.batch_size
+    return float("nan"), state["steps"] * run.train.batch_size
 
 
 def matmul_rate(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
@@ -208,35 +251,49 @@ def matmul_rate(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.flo
 
 
 def flops_per_image(model_name: str) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from imgclf.models import build
-
-    meta = {"model": model_name, "classes": [str(i) for i in range(10)], "image_size": 32, "channels": 3,
-            "mean": [0.5] * 3, "std": [0.25] * 3}
-    model = build(meta)
+    model = build(
+        ModelCard(
+            card_version=CARD_VERSION,
+            model=model_name,
+            classes=tuple("0123456789"),
+            image_size=32,
+            channels=3,
+            mean=(0.5,) * 3,
+            std=(0.25,) * 3,
+            tta_flip=False,
+            tta_translate=0,
+            train={},
+            mlflow_run_id=None,
+        )
+    )
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     with FlopCounterMode(display=False) as counter:
         model(images).sum().backward()
     return counter.get_total_flops() / 16
 
 
-def fast_preset(params, train, val, test, values: dict, seed: int, device: torch.device = torch.device("cpu")
-                ) -> tuple[float, float, float]:
+def fast_preset(
+    params: Params, train: Arrays, val: Arrays, test: Arrays, values: dict, seed: int, device: torch.device = CPU
+) -> tuple[float, float, float]:
     """(test accuracy, training wall seconds, test-evaluation seconds) of a recipe (train keys, e.g. a
-    preset file's) from scratch. Every epoch ends by reading its metrics, which waits for the device."""
-    from imgclf.models import to_nchw
-    from imgclf.train import score
-
+    preset's) from scratch. Every epoch ends by reading its metrics, which waits for the device."""
     start = time.perf_counter()
-    training, cfg = training_for(params, train, val, device, **{**values, "seed": seed})
-    while training.epoch < cfg.epochs:
-        metrics = training.run_epoch()
-        log(f"    seed {seed} epoch {training.epoch}: {time.perf_counter() - start:.1f} s, "
-            f"train loss {metrics['train_loss']:.3f}, val accuracy {metrics['val_accuracy']:.4f}")
+    run = with_train(params, **{**values, "seed": seed})
+
+    def on_epoch(training: Training, metrics: dict) -> None:
+        log(
+            f"    seed {seed} epoch {training.epoch}: {time.perf_counter() - start:.1f} s, "
+            f"train loss {metrics['train_loss']:.3f}, val accuracy {metrics['val_accuracy']:.4f}"
+        )
+
+    result = fit(run, card(run), train, val, device, on_epoch=on_epoch)
     elapsed = time.perf_counter() - start
-    _, accuracy = score(training.final_model, to_nchw(test.images, device),
-                        torch.from_numpy(test.labels).to(device), training.memory_format)
+    _, accuracy = score(
+        result.model,
+        to_nchw(test.images, device),
+        torch.from_numpy(test.labels).to(device),
+        result.training.memory_format,
+    )
     evaluation = time.perf_counter() - start - elapsed  # with the recipe's test-time augmentation
     log(f"    seed {seed}: test accuracy {accuracy:.4f}")
     return accuracy, elapsed, evaluation
@@ -255,19 +312,24 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if not args.archive.is_file():
         raise SystemExit(f"{args.archive} is absent")
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(available_cpus())
+    keep_freed_memory()  # as the train stage does
     with tempfile.TemporaryDirectory() as tmp:
         prepared, folder, params = prepare(args.archive.resolve(), Path(tmp))
         params = dataclasses.replace(params, prepare=dataclasses.replace(params.prepare, out_dir=str(prepared)))
         train, test = arrays(prepared, "train"), arrays(prepared, "test")
-        from imgclf.train import cpu_has_bf16
-
         bf16 = cpu_has_bf16()  # train.precision auto then trains in bf16
-        log(f"CIFAR-10 JPEG: {len(train.labels)} training, {len(test.labels)} test images; "
-            f"{len(os.sched_getaffinity(0))} CPU threads; torch {torch.__version__}; "
-            f"train.precision auto: {'bf16 (this CPU has bf16 units)' if bf16 else 'fp32'}\n")
-        rates: dict[str, list[float]] = {"tutorial": [], "ours, batch 4": [], "ours, batch 256": [],
-                                         "ours, batch 1024": []}
+        log(
+            f"CIFAR-10 JPEG: {len(train.labels)} training, {len(test.labels)} test images; "
+            f"{available_cpus()} CPU threads; torch {torch.__version__}; "
+            f"train.precision auto: {'bf16 (this CPU has bf16 units)' if bf16 else 'fp32'}\n"
+        )
+        rates: dict[str, list[float]] = {
+            "tutorial": [],
+            "ours, batch 4": [],
+            "ours, batch 256": [],
+            "ours, batch 1024": [],
+        }
         if bf16:
             rates["ours, batch 256, fp32"] = []  # what bf16 gains, side by side
         matmul: list[float] = []
@@ -288,64 +350,84 @@ def main() -> None:
             tutorial = statistics.median(rates["tutorial"])
             log("\nthroughput, LeNet (median of %d; min-max)" % args.repeats)
             for name, values in rates.items():
-                log(f"  {name:<21} {statistics.median(values):>8.0f} img/s ({min(values):.0f}-{max(values):.0f})"
-                    f"  {statistics.median(values) / tutorial:>6.1f}x the tutorial")
+                log(
+                    f"  {name:<21} {statistics.median(values):>8.0f} img/s ({min(values):.0f}-{max(values):.0f})"
+                    f"  {statistics.median(values) / tutorial:>6.1f}x the tutorial"
+                )
         if "target" in parts:
             tutorial_time = TUTORIAL_IMAGES / statistics.median(rates["tutorial"])
             results = [time_to_target(params, train, test, TUTORIAL_ACCURACY, seed) for seed in range(args.repeats)]
             seconds = [s for s, _ in results]
             log(f"\ntime to {TUTORIAL_ACCURACY:.1%} test accuracy (median of {args.repeats} seeds)")
             log(f"  tutorial, 2 epochs (scaled from its throughput)  {tutorial_time:8.1f} s")
-            log(f"  ours ({TARGET_RECIPE['model']}, {TARGET_RECIPE['optimizer']}, test-time flip) {statistics.median(seconds):8.1f} s "
+            log(
+                f"  ours ({TARGET_RECIPE['model']}, {TARGET_RECIPE['optimizer']}, test-time flip) {statistics.median(seconds):8.1f} s "
                 f"({min(seconds):.1f}-{max(seconds):.1f}; {statistics.median(i for _, i in results):.0f} images seen)"
-                f"  1/{tutorial_time / statistics.median(seconds):.0f} of the tutorial's time")
+                f"  1/{tutorial_time / statistics.median(seconds):.0f} of the tutorial's time"
+            )
         if "flops" in parts:
-            log(f"\nachieved training FLOP/s against torch.matmul fp32, measured beside it (median of "
+            log(
+                f"\nachieved training FLOP/s against torch.matmul fp32, measured beside it (median of "
                 f"{args.repeats}; matmul {statistics.median(matmul) / 1e9:.0f} GFLOP/s, "
-                f"{min(matmul) / 1e9:.0f}-{max(matmul) / 1e9:.0f})")
+                f"{min(matmul) / 1e9:.0f}-{max(matmul) / 1e9:.0f})"
+            )
             lenet_flops = flops_per_image("lenet")
             for batch in (256, 1024):
                 lenet = [lenet_flops * r for r in rates[f"ours, batch {batch}"]]
                 shares = [f / m for f, m in zip(lenet, matmul)]
-                line = (f"  lenet, batch {batch:<4}     {statistics.median(lenet) / 1e9:8.1f} GFLOP/s  "
-                        f"{statistics.median(shares):6.1%}  ({min(shares):.1%}-{max(shares):.1%})")
+                line = (
+                    f"  lenet, batch {batch:<4}     {statistics.median(lenet) / 1e9:8.1f} GFLOP/s  "
+                    f"{statistics.median(shares):6.1%}  ({min(shares):.1%}-{max(shares):.1%})"
+                )
                 if matmul_bf16:  # our loop trained in bf16: its share of the bf16 matrix rate too
                     shares = [f / m for f, m in zip(lenet, matmul_bf16)]
                     line += f"; {statistics.median(shares):.1%} of bf16's ({min(shares):.1%}-{max(shares):.1%})"
                 log(line)
             if matmul_bf16:
-                log(f"  (torch.matmul bf16: {statistics.median(matmul_bf16) / 1e9:.0f} GFLOP/s, "
-                    f"{min(matmul_bf16) / 1e9:.0f}-{max(matmul_bf16) / 1e9:.0f})")
-            from imgclf.train import Arrays
-
+                log(
+                    f"  (torch.matmul bf16: {statistics.median(matmul_bf16) / 1e9:.0f} GFLOP/s, "
+                    f"{min(matmul_bf16) / 1e9:.0f}-{max(matmul_bf16) / 1e9:.0f})"
+                )
             subset = Arrays(train.images[:10240], train.labels[:10240])
-            training, cfg = training_for(params, subset, Arrays(test.images[:1], test.labels[:1]),
-                                         **yaml.safe_load((REPO / "presets" / "fast-cifar.yaml").read_text()))
-            training.run_epoch()
+            run = with_train(params, **{**preset_keys("fast-cifar"), "epochs": 2})
             dtypes = [torch.float32] + ([torch.bfloat16] if bf16 else [])
-            before = [matmul_rate(dtype=d) for d in dtypes]
-            start = time.perf_counter()
-            training.run_epoch()
-            fast_rate = len(subset.labels) / (time.perf_counter() - start)
-            # The matrix rates just before and just after the epoch.
-            around = [(b + matmul_rate(dtype=d)) / 2 for b, d in zip(before, dtypes)]
-            fast = flops_per_image(cfg.model) * fast_rate
+            marks: dict[str, object] = {}
+
+            def around_second_epoch(training: Training, metrics: dict) -> None:
+                # The matrix rates just before and just after the timed (second) epoch.
+                if training.epoch == 1:
+                    marks["before"] = [matmul_rate(dtype=d) for d in dtypes]
+                    marks["start"] = time.perf_counter()
+                else:
+                    marks["end"] = time.perf_counter()
+                    marks["after"] = [matmul_rate(dtype=d) for d in dtypes]
+
+            fit(run, card(run), subset, Arrays(test.images[:1], test.labels[:1]), CPU, on_epoch=around_second_epoch)
+            fast_rate = len(subset.labels) / (marks["end"] - marks["start"])
+            around = [(b + a) / 2 for b, a in zip(marks["before"], marks["after"])]
+            fast = flops_per_image(run.train.model) * fast_rate
             bf16_share = f"; {fast / around[1]:.1%} of bf16's {around[1] / 1e9:.0f} GFLOP/s" if len(around) > 1 else ""
-            log(f"  {cfg.model}, fast preset {fast / 1e9:8.1f} GFLOP/s  {fast / around[0]:6.1%}  ({fast_rate:.0f} "
-                f"img/s; matmul {around[0] / 1e9:.0f} GFLOP/s around it{bf16_share})")
+            log(
+                f"  {run.train.model}, fast preset {fast / 1e9:8.1f} GFLOP/s  {fast / around[0]:6.1%}  ({fast_rate:.0f} "
+                f"img/s; matmul {around[0] / 1e9:.0f} GFLOP/s around it{bf16_share})"
+            )
         if "fast" in parts:
             log(f"\n{args.preset} preset, from scratch")
             val = arrays(prepared, "val")
             seeds = range(args.first_seed, args.first_seed + args.seeds)
-            values = yaml.safe_load((REPO / "presets" / f"{args.preset}.yaml").read_text())
+            values = preset_keys(args.preset)
             results = [fast_preset(params, train, val, test, values, seed) for seed in seeds]
             for seed, (accuracy, seconds, evaluation) in zip(seeds, results):
-                log(f"  seed {seed}: test accuracy {accuracy:.4f}, {seconds / 60:.1f} min training "
-                    f"+ {evaluation:.0f} s scoring the 10,000 test images")
+                log(
+                    f"  seed {seed}: test accuracy {accuracy:.4f}, {seconds / 60:.1f} min training "
+                    f"+ {evaluation:.0f} s scoring the 10,000 test images"
+                )
             accuracies, times = [a for a, _, _ in results], [t for _, t, _ in results]
-            log(f"  test accuracy: mean {statistics.mean(accuracies):.4f}, min {min(accuracies):.4f}, "
+            log(
+                f"  test accuracy: mean {statistics.mean(accuracies):.4f}, min {min(accuracies):.4f}, "
                 f"max {max(accuracies):.4f} (n={len(results)}); wall time: median {statistics.median(times) / 60:.1f} min "
-                f"({min(times) / 60:.1f}-{max(times) / 60:.1f})")
+                f"({min(times) / 60:.1f}-{max(times) / 60:.1f})"
+            )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 
 Integration tests never touch the checkout they run from: each works on a copy of the files git
 tracks (plus untracked, unignored ones), made into a new git repository, as a fresh clone would be.
+
+Tracked files come from git's index, not the working tree: `dvc exp run` leaves an experiment's params
+(and its dvc.lock and metrics) applied to the workspace, and the tests must test the project's defaults
+whatever the user ran. (Stage a change with `git add` to test it; new, untracked files are taken as
+they are.) Tests that write a params file of their own start from `default_params()`, the same way.
 """
 
 from __future__ import annotations
@@ -9,20 +14,32 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
+
+from imgclf.card import CARD_VERSION, ModelCard
+from imgclf.config import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 # Variables that would point the pipeline at another store, run or root than the copy's own.
-_LEAKY = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
-          "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_EXP_NAME")
+_LEAKY = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "MLFLOW_RUN_ID",
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_EXPERIMENT_NAME",
+    "DVC_ROOT",
+    "DVC_EXP_NAME",
+)
 
 
 def project_env(**extra: str) -> dict[str, str]:
@@ -34,30 +51,108 @@ def project_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str] | str, cwd: Path, check: bool = True, timeout: float = 900,
-        **env: str) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str] | str, cwd: Path, check: bool = True, timeout: float = 900, **env: str
+) -> subprocess.CompletedProcess:
     """Run a command in `cwd`, capturing its output; on failure the assertion shows the output."""
-    proc = subprocess.run(cmd, cwd=cwd, env=project_env(**env), capture_output=True, text=True,
-                          timeout=timeout, shell=isinstance(cmd, str), stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd,
+        env=project_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        shell=isinstance(cmd, str),
+        stdin=subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n"
-                             f"--- stderr\n{proc.stderr}")
+        raise AssertionError(f"{cmd} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}")
     return proc
 
 
-def project_files() -> list[str]:
-    """The files a fresh clone would have (plus untracked, unignored ones under development)."""
-    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return sorted({f for f in out.split("\0") if f and (REPO / f).is_file()})
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=False)
+
+
+def in_git() -> bool:
+    return _git("rev-parse", "--is-inside-work-tree").returncode == 0
+
+
+def untracked_files() -> list[str]:
+    """Files under development that git does not track yet (and does not ignore)."""
+    out = _git("ls-files", "-z", "--others", "--exclude-standard").stdout.decode()
+    return sorted(f for f in out.split("\0") if f and (REPO / f).is_file())
+
+
+def export_project(dest: Path) -> None:
+    """The project's files at `dest`: tracked files as git's index holds them, then the untracked ones."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if not in_git():  # not a checkout (a source archive): the files as they are
+        shutil.copytree(REPO, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".venv", "__pycache__"))
+        return
+    subprocess.run(["git", "checkout-index", "--all", "--force", f"--prefix={dest}/"], cwd=REPO, check=True)
+    for name in untracked_files():
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, target)
+
+
+def default_text(name: str) -> str:
+    """A tracked file's text as git's index holds it (the working tree's outside a checkout)."""
+    shown = _git("show", f":{name}")
+    return shown.stdout.decode() if shown.returncode == 0 else (REPO / name).read_text()
+
+
+def default_params() -> dict:
+    """params.yaml as the project ships it (see the module docstring), as a mapping to edit."""
+    return yaml.safe_load(default_text("params.yaml"))
+
+
+def write_params(root: Path, params: dict | None = None) -> Path:
+    """`params` (default: default_params()) as root/params.yaml, with the project's presets beside it."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(default_params() if params is None else params))
+    names = (
+        _git("ls-files", "presets").stdout.decode().split()
+        if in_git()
+        else [f"presets/{p.name}" for p in (REPO / "presets").iterdir()]
+    )
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(default_text(name))
+    return path
+
+
+def default_config(**train) -> Params:
+    """The shipped params, loaded and validated, with these train keys given explicitly."""
+    params = default_params()
+    params["train"].update(train)
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_params(write_params(Path(tmp), params))
+
+
+def card_for(model: str = "lenet", channels: int = 3, size: int = 32, classes: int = 10, **fields) -> ModelCard:
+    """A model card for tests that build a model without training data (normalisation 0.5 / 0.25)."""
+    values = dict(
+        card_version=CARD_VERSION,
+        model=model,
+        classes=tuple(str(i) for i in range(classes)),
+        image_size=size,
+        channels=channels,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+        tta_flip=False,
+        tta_translate=0,
+        train={},
+        mlflow_run_id=None,
+    )
+    return ModelCard(**{**values, **fields})
 
 
 def fresh_copy(dest: Path) -> Path:
     """A new git repository at `dest` holding the project's files, committed."""
-    for name in project_files():
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, target)
+    export_project(dest)
     git = ["git", "-c", "init.defaultBranch=main"]
     run([*git, "init", "-q"], dest)
     run(["git", "config", "user.name", "Pipeline Tests"], dest)
@@ -107,9 +202,24 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 def start_server(root: Path, port: int) -> subprocess.Popen:
     """A real `mlflow server` on `port`, its SQLite store and artifacts under `root`, once it answers."""
     server = subprocess.Popen(
-        ["mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts")],
-        cwd=root, env=project_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+        ],
+        cwd=root,
+        env=project_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
     def up() -> bool:
         try:
@@ -118,6 +228,7 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
         except OSError:
             assert server.poll() is None, "mlflow server exited"
             return False
+
     wait_for(up, 120, "the MLflow server")
     return server
 

@@ -8,21 +8,18 @@ import sys
 
 import pytest
 
-from conftest import REPO
-
 # How much of a freed 256 MiB tensor the process still holds, in MiB: glibc returns it to the kernel
-# by default; after the train stage's configure_torch it stays in the heap for the next step.
+# by default; after keep_freed_memory (which the train and evaluate stages call) it stays in the heap.
 SCRIPT = """
 import os, sys, torch
-from imgclf.config import load_params
-from imgclf.train import configure_torch
+from imgclf.allocator import keep_freed_memory
 
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 if sys.argv[1] == "configured":
-    configure_torch(load_params(sys.argv[2]).train)
+    keep_freed_memory()
 before = rss()
 x = torch.ones(64 * 2**20)
 del x
@@ -33,8 +30,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 
 def retained_mib(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode, str(REPO / "params.yaml")], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], check=True, capture_output=True, text=True).stdout
     return float(out.split()[-1])
 
 
@@ -42,5 +38,5 @@ def test_freed_activations_return_to_the_kernel_by_default():
     assert retained_mib("default") < 64
 
 
-def test_configure_torch_keeps_freed_memory_for_the_next_step():
+def test_keep_freed_memory_keeps_it_for_the_next_step():
     assert retained_mib("configured") > 192

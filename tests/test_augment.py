@@ -12,8 +12,9 @@ def batch(n: int = 16) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("augment", [Augment(flip=True), Augment(translate=2), Augment(cutout=8),
-                                     Augment(flip=True, translate=4, cutout=12)])
+@pytest.mark.parametrize(
+    "augment", [Augment(flip=True), Augment(translate=2), Augment(cutout=8), Augment(flip=True, translate=4, cutout=12)]
+)
 def test_shape_dtype_and_determinism(augment):
     images = batch()
     a = augment(images, torch.Generator().manual_seed(7))
@@ -36,7 +37,7 @@ def test_translate_shifts_with_reflection():
     out = translate(images, 2, torch.Generator().manual_seed(0))
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2), mode="reflect")
     for o, p in zip(out, padded):  # each output is some 32x32 window of its padded image
-        assert any(torch.equal(o, p[:, dy:dy + 32, dx:dx + 32]) for dy in range(5) for dx in range(5))
+        assert any(torch.equal(o, p[:, dy : dy + 32, dx : dx + 32]) for dy in range(5) for dx in range(5))
 
 
 def test_cutout_zeroes_one_square_at_most_size_squared():

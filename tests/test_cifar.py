@@ -15,8 +15,8 @@ from functools import partial
 import numpy as np
 import pytest
 
-from imgclf import cifar
-from imgclf.datasets import DataError, RawData
+from imgclf.data import cifar
+from imgclf.data.types import DataError, RawData
 from imgclf.evaluate import report
 
 
@@ -44,8 +44,9 @@ def build_archive(tmp_path, dataset: str, per_batch: int = 6, classes: int = 10)
     if dataset == "cifar10":
         files[official.meta_file] = _pickled({"label_names": [f"c{i}" for i in range(classes)]})
     else:
-        files[official.meta_file] = _pickled({"fine_label_names": [f"f{i}" for i in range(classes)],
-                                              "coarse_label_names": [f"k{i}" for i in range(4)]})
+        files[official.meta_file] = _pickled(
+            {"fine_label_names": [f"f{i}" for i in range(classes)], "coarse_label_names": [f"k{i}" for i in range(4)]}
+        )
     path = tmp_path / official.filename
     with tarfile.open(path, "w:gz") as tar:
         for name, payload in files.items():
@@ -54,8 +55,11 @@ def build_archive(tmp_path, dataset: str, per_batch: int = 6, classes: int = 10)
             tar.addfile(info, io.BytesIO(payload))
     md5 = lambda b: hashlib.md5(b).hexdigest()  # noqa: E731
     spec = dataclasses.replace(
-        official, md5=cifar.md5_of(path),
-        train=[(n, md5(files[n])) for n, _ in official.train], test=[(n, md5(files[n])) for n, _ in official.test])
+        official,
+        md5=cifar.md5_of(path),
+        train=[(n, md5(files[n])) for n, _ in official.train],
+        test=[(n, md5(files[n])) for n, _ in official.test],
+    )
     return path, spec, expected
 
 
@@ -124,8 +128,12 @@ def test_pickled_code_in_a_batch_is_refused(tmp_path):
             info = tarfile.TarInfo(f"{official.folder}/{name}")
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-    spec = dataclasses.replace(official, md5=cifar.md5_of(path), train=[(n, None) for n, _ in official.train],
-                               test=[(n, None) for n, _ in official.test])
+    spec = dataclasses.replace(
+        official,
+        md5=cifar.md5_of(path),
+        train=[(n, None) for n, _ in official.train],
+        test=[(n, None) for n, _ in official.test],
+    )
     with pytest.raises(DataError, match=r"refusing to load (__builtin__|builtins)\.print"):
         cifar.read(spec, path)
 
@@ -181,9 +189,17 @@ def test_download_stage_leaves_nothing_at_raw_dir_on_failure(tmp_path, monkeypat
     from imgclf.download import download
 
     monkeypatch.chdir(tmp_path)
-    cfg = DataConfig(dataset="cifar10", path=None, archive=str(tmp_path / "missing.tar.gz"),
-                     cifar100_labels="fine", image_size=None, channels=None, on_bad_image="fail",
-                     max_pixels=10**8, raw_dir="data/raw")
+    cfg = DataConfig(
+        dataset="cifar10",
+        path=None,
+        archive=str(tmp_path / "missing.tar.gz"),
+        cifar100_labels="fine",
+        image_size=None,
+        channels=None,
+        on_bad_image="fail",
+        max_pixels=10**8,
+        raw_dir="data/raw",
+    )
     with pytest.raises(DataError):
         download(cfg)
     assert not (tmp_path / "data/raw").exists()
@@ -201,17 +217,14 @@ def test_top5_accuracy_joins_the_metrics_over_10_classes():
 
 
 def test_prepare_keeps_the_official_test_split(tmp_path):
-    import yaml
-
-    from conftest import REPO
+    from conftest import default_params, write_params
     from imgclf.config import load_params
     from imgclf.prepare import prepare_arrays
 
     path, spec, _ = build_archive(tmp_path, "cifar10", per_batch=20)
-    params_file = tmp_path / "params.yaml"
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = default_params()
     params["data"].update(dataset="cifar10", image_size=None)
-    params_file.write_text(yaml.safe_dump(params))
+    params_file = write_params(tmp_path, params)
     raw: RawData = cifar.read(spec, path)
     out = tmp_path / "prepared"
     out.mkdir()

@@ -36,8 +36,11 @@ def test_lineage_answers_which_data_and_code_made_the_champion(built_project):
 @pytest.mark.parametrize("tool", ["lineage", "predict", "export"])
 def test_an_unknown_model_is_a_clear_error(built_project, tmp_path, tool):
     root, _ = built_project
-    args = {"lineage": [], "predict": [str(tmp_path), "--out", str(tmp_path / "p.csv")],
-            "export": ["--out", str(tmp_path / "m.onnx")]}[tool]
+    args = {
+        "lineage": [],
+        "predict": [str(tmp_path), "--out", str(tmp_path / "p.csv")],
+        "export": ["--out", str(tmp_path / "m.onnx")],
+    }[tool]
     proc = run(["python", "-m", f"imgclf.{tool}", "models:/no-such-model@champion", *args], root, check=False)
     assert proc.returncode == 1 and proc.stderr.startswith("error:") and "Traceback" not in proc.stderr
     assert "no-such-model" in proc.stderr and list(tmp_path.iterdir()) == []
@@ -72,8 +75,11 @@ def test_batch_prediction_matches_evaluation(built_project, photos, tmp_path, as
         with tarfile.open(source, "w:gz") as tar:
             tar.add(folder, arcname="photos")
     out = tmp_path / "predictions.csv"
-    command = readme_command("python -m imgclf.predict").replace(" examples ", f" {source} ").replace(
-        "--out predictions.csv", f"--out {out}")
+    command = (
+        readme_command("python -m imgclf.predict")
+        .replace(" examples ", f" {source} ")
+        .replace("--out predictions.csv", f"--out {out}")
+    )
     proc = run(command, root)
     assert "40 images classified, 1 could not be" in proc.stdout
     with open(out) as f:
@@ -111,15 +117,15 @@ def test_onnx_export_of_fastnet_keeps_its_test_time_augmentation(tmp_path):
     import onnx
     import torch
 
+    from conftest import card_for
     from imgclf.export import export
     from imgclf.models import build
 
     torch.manual_seed(0)
-    meta = {"model": "fastnet-s", "classes": [str(i) for i in range(10)], "image_size": 32, "channels": 3,
-            "mean": [0.5] * 3, "std": [0.25] * 3, "tta_flip": True, "tta_translate": 1}
-    model = build(meta).eval()
+    card = card_for("fastnet-s", tta_flip=True, tta_translate=1)
+    model = build(card).eval()
     batch = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
     out = tmp_path / "fastnet.onnx"
-    assert export(model, meta, out, batch) < 1e-4  # onnxruntime agrees with the 6-view PyTorch model
+    assert export(model, card, out, batch) < 1e-4  # onnxruntime agrees with the 6-view PyTorch model
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(metadata["tta_translate"]) == 1 and json.loads(metadata["tta_flip"]) is True

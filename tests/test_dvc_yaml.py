@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import re
 from pathlib import Path
@@ -26,13 +27,22 @@ def lookup(dotted: str):
     return value
 
 
+def module_file(module: str) -> Path | None:
+    """The source file of one of the package's modules (`imgclf.data.cifar` -> src/imgclf/data/cifar.py)."""
+    path = PACKAGE.parent.joinpath(*module.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def local_imports(module: str, seen: set[str] | None = None) -> set[str]:
-    """The package's own modules that `module` imports, transitively."""
+    """The package's own modules that `module` imports, transitively (a package's __init__ included)."""
     seen = set() if seen is None else seen
     if module in seen:
         return seen
     seen.add(module)
-    tree = ast.parse((PACKAGE / f"{module.split('.')[-1]}.py").read_text())
+    tree = ast.parse(module_file(module).read_text())
     for node in ast.walk(tree):
         names = []
         if isinstance(node, ast.ImportFrom) and node.module:
@@ -40,9 +50,15 @@ def local_imports(module: str, seen: set[str] | None = None) -> set[str]:
         elif isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         for name in names:
-            if name.startswith("imgclf.") and (PACKAGE / f"{name.split('.')[1]}.py").exists():
-                local_imports(".".join(name.split(".")[:2]), seen)
+            parts = name.split(".")
+            for end in range(2, len(parts) + 1):  # imgclf.data, then imgclf.data.cifar
+                if parts[0] == "imgclf" and module_file(".".join(parts[:end])) is not None:
+                    local_imports(".".join(parts[:end]), seen)
     return seen
+
+
+def code_files(module: str) -> set[str]:
+    return {module_file(m).relative_to(REPO).as_posix() for m in local_imports(module) if m != "imgclf"}
 
 
 def test_stage_names_are_modules():
@@ -60,10 +76,13 @@ def test_stage_command_runs_its_own_module(name):
 @pytest.mark.parametrize("name", list(STAGES))
 def test_stage_deps_include_all_its_code(name):
     deps = set(STAGES[name]["deps"])
-    needed = {f"src/imgclf/{m.split('.')[1]}.py" for m in local_imports(f"imgclf.{name}")}
+    needed = code_files(f"imgclf.{name}")
     if name == "register":  # the model file MLflow loads imports serving, which imports more
-        needed |= {f"src/imgclf/{m.split('.')[1]}.py" for m in local_imports("imgclf.model_code")}
+        needed |= code_files("imgclf.model_code")
     assert needed <= deps, f"missing from deps: {sorted(needed - deps)}"
+    # And no code it does not run: a change there would re-run the stage for nothing.
+    code = {d for d in deps if d.startswith("src/")}
+    assert code <= needed, f"deps the stage does not import: {sorted(code - needed)}"
 
 
 def test_every_templated_key_and_param_exists():
@@ -81,6 +100,17 @@ def test_every_templated_key_and_param_exists():
                 lookup(param)
 
 
-def test_every_preset_is_a_param_of_the_train_stage():
-    files = {next(iter(p)) for p in STAGES["train"]["params"] if isinstance(p, dict)}
-    assert files == {f"presets/{p.name}" for p in (REPO / "presets").glob("*.yaml")}
+def test_the_presets_are_a_dependency_of_the_train_stage():
+    """train.preset names a file of presets/ (and its bases): editing any re-runs train."""
+    assert "presets" in STAGES["train"]["deps"]
+    assert (REPO / "presets" / "default.yaml").is_file()
+
+
+def test_params_yaml_lists_every_train_key_and_leaves_recipe_keys_to_the_preset():
+    """A complete train section (dvc exp run -S can only set keys that exist), with the recipe keys null so
+    that train.preset decides them unless a run sets one."""
+    from imgclf.config import RUN_KEYS, TrainConfig
+
+    train = PARAMS["train"]
+    assert list(train) == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert [k for k, v in train.items() if v is None and k not in RUN_KEYS] == [k for k in train if k not in RUN_KEYS]

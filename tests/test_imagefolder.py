@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
-from conftest import REPO
-from imgclf import imagefolder
+from conftest import default_params, write_params
+from imgclf.data import archives, imagefolder
 from imgclf.images import ImageError, decode
 
 
@@ -41,27 +40,31 @@ def make_folder(root: Path, layout: dict[str, dict[str, int]], fmt: str = "PNG")
             for i in range(count):
                 mode = modes[i % 3] if fmt == "PNG" else "RGB"
                 (folder / f"{i:03d}.{fmt.lower()}").write_bytes(
-                    image_bytes(fmt, (20 + i, 30 + 2 * i), mode, seed=hash((split, name, i)) % 2**32))
+                    image_bytes(fmt, (20 + i, 30 + 2 * i), mode, seed=hash((split, name, i)) % 2**32)
+                )
     return root
 
 
 def png_with_header_size(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height: a decompression bomb's calling card."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
-        chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def run_stages(tmp_path: Path, path: Path | str, monkeypatch, **data) -> int:
     """download + prepare in tmp_path for an image folder; returns the exit code (0 on success)."""
     from imgclf import download, prepare
 
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = default_params()
     params["data"].update(dataset="imagefolder", path=str(path), image_size=16, **data)
     params["prepare"].update(workers=2)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path, params)
     monkeypatch.chdir(tmp_path)
     try:
         download.main(["--params", "params.yaml"])
@@ -146,14 +149,26 @@ def test_val_folder_is_the_test_split_when_there_is_no_test(tmp_path, monkeypatc
 
 
 def test_listing_rules():
-    files = ["top/train/b/1.png", "top/train/a/1.png", "top/train/a/2.png", "top/test/a/3.png",
-             "top/val/b/4.png", "top/train/.DS_Store", "top/__MACOSX/train/a/._1.png", "top/README.txt",
-             "top/train/loose.png"]
+    files = [
+        "top/train/b/1.png",
+        "top/train/a/1.png",
+        "top/train/a/2.png",
+        "top/test/a/3.png",
+        "top/val/b/4.png",
+        "top/train/.DS_Store",
+        "top/__MACOSX/train/a/._1.png",
+        "top/README.txt",
+        "top/train/loose.png",
+    ]
     listing = imagefolder.list_entries(files, ["top", "top/train", "top/train/a", "top/train/b"])
     assert listing.classes == ["a", "b"]
     assert {(e.name, e.split, e.label) for e in listing.entries} == {
-        ("top/train/a/1.png", "train", "a"), ("top/train/a/2.png", "train", "a"),
-        ("top/train/b/1.png", "train", "b"), ("top/test/a/3.png", "test", "a"), ("top/val/b/4.png", "val", "b")}
+        ("top/train/a/1.png", "train", "a"),
+        ("top/train/a/2.png", "train", "a"),
+        ("top/train/b/1.png", "train", "b"),
+        ("top/test/a/3.png", "test", "a"),
+        ("top/val/b/4.png", "val", "b"),
+    }
     assert listing.has_test and listing.has_val
     assert {name for name, _ in listing.ignored} == {"top/README.txt", "top/train/loose.png"}
     assert not listing.problems
@@ -178,6 +193,7 @@ def test_no_train_folder_is_an_error():
 
 
 # ---- bad data ---------------------------------------------------------------------------------
+
 
 def bad_folder(root: Path) -> tuple[Path, set[str]]:
     """A usable folder plus one of each kind of bad file; returns it and the bad paths."""
@@ -250,10 +266,13 @@ def test_truncated_archive_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert not (work / "data/prepared").exists()
 
 
-@pytest.mark.parametrize("side, message", [
-    (10_000, "10000x10000 is 100,000,000 pixels, over the limit of 40,000,000"),  # our limit
-    (20_000, "too many pixels, over the limit"),  # beyond Pillow's own backstop as well
-])
+@pytest.mark.parametrize(
+    "side, message",
+    [
+        (10_000, "10000x10000 is 100,000,000 pixels, over the limit of 40,000,000"),  # our limit
+        (20_000, "too many pixels, over the limit"),  # beyond Pillow's own backstop as well
+    ],
+)
 def test_a_decompression_bomb_is_refused_from_its_header_in_milliseconds(side, message):
     bomb = png_with_header_size(side, side)
     assert len(bomb) < 200
@@ -266,22 +285,23 @@ def test_a_decompression_bomb_is_refused_from_its_header_in_milliseconds(side, m
 def test_every_file_is_decoded_exactly_once(tmp_path):
     source = make_folder(tmp_path / "pets", BALANCED)
     archive_path = tmp_path / "pets.tar"
-    imagefolder.pack_folder(source, archive_path)
-    archive = imagefolder.Archive(archive_path)
+    archives.pack_folder(source, archive_path)
+    archive = archives.Archive(archive_path)
     listing = imagefolder.list_entries(*archive.listing())
     plan = {e.name: ("all", row) for row, e in enumerate(listing.entries)}
     arrays = {"all": np.zeros((len(plan), 8, 8, 3), np.uint8)}
     progress = []
-    errors = imagefolder.decode_into(archive, plan, arrays, 8, 3, 10**6, workers=2, chunk_size=4,
-                                     on_progress=progress.append)
+    errors = imagefolder.decode_into(
+        archive, plan, arrays, 8, 3, 10**6, workers=2, chunk_size=4, on_progress=progress.append
+    )
     assert errors == [] and sum(progress) == len(plan) == 38
     assert (arrays["all"].reshape(len(plan), -1).max(axis=1) > 0).all()  # every row written
 
 
 def test_packing_a_folder_is_reproducible(tmp_path):
     source = make_folder(tmp_path / "pets", BALANCED)
-    imagefolder.pack_folder(source, tmp_path / "a.tar")
+    archives.pack_folder(source, tmp_path / "a.tar")
     time.sleep(1.1)
     (source / "train" / "cat" / "000.png").touch()  # a new mtime changes nothing
-    imagefolder.pack_folder(source, tmp_path / "b.tar")
+    archives.pack_folder(source, tmp_path / "b.tar")
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()

@@ -17,9 +17,17 @@ def encoded(mode: str, size: tuple[int, int], fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("mode, size, fmt", [("RGB", (50, 20), "JPEG"), ("L", (8, 8), "PNG"),
-                                              ("RGBA", (64, 64), "PNG"), ("P", (31, 33), "GIF"),
-                                              ("I;16", (40, 40), "PNG"), ("RGB", (32, 32), "BMP")])
+@pytest.mark.parametrize(
+    "mode, size, fmt",
+    [
+        ("RGB", (50, 20), "JPEG"),
+        ("L", (8, 8), "PNG"),
+        ("RGBA", (64, 64), "PNG"),
+        ("P", (31, 33), "GIF"),
+        ("I;16", (40, 40), "PNG"),
+        ("RGB", (32, 32), "BMP"),
+    ],
+)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_any_image_becomes_the_model_shape(mode, size, fmt, channels):
     array = decode(encoded(mode, size, fmt), 32, channels)
@@ -39,8 +47,9 @@ def test_decode_matches_the_prepare_path():
     np.testing.assert_array_equal(decode(encode_png(array), 32, 1), expected)
 
 
-@pytest.mark.parametrize("data", [b"", b"not an image at all", encoded("RGB", (64, 64), "JPEG")[:200],
-                                  encoded("RGB", (64, 64), "PNG")[:60]])
+@pytest.mark.parametrize(
+    "data", [b"", b"not an image at all", encoded("RGB", (64, 64), "JPEG")[:200], encoded("RGB", (64, 64), "PNG")[:60]]
+)
 def test_bad_bytes_raise_image_error(data):
     with pytest.raises(ImageError):
         decode(data, 32, 3)

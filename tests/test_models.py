@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import card_for
+from imgclf.architectures import list_models
+from imgclf.card import CardError, ModelCard
 from imgclf.models import (
-    MODELS,
     Classifier,
     GlobalAvgPool,
+    TutorialLeNet,
     build,
+    constructor,
     load_checkpoint_dir,
     make_deterministic,
     predict_proba,
@@ -21,12 +25,7 @@ from imgclf.models import (
 )
 
 # Every model in the registry, plus torchvision classifiers as `torchvision:<name>` (a small one here).
-ALL_MODELS = sorted(MODELS) + ["torchvision:mobilenet_v3_small", "torchvision:resnet18"]
-
-
-def meta_for(model: str, channels: int = 3, size: int = 32, classes: int = 10) -> dict:
-    return {"model": model, "classes": [str(i) for i in range(classes)], "image_size": size,
-            "channels": channels, "mean": [0.5] * channels, "std": [0.25] * channels}
+ALL_MODELS = list_models() + ["torchvision:mobilenet_v3_small", "torchvision:resnet18"]
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
@@ -34,10 +33,10 @@ def meta_for(model: str, channels: int = 3, size: int = 32, classes: int = 10) -
 def test_forward_and_backward(name, channels, size, classes):
     if name.startswith("torchvision:") and channels == 1:
         with pytest.raises(ValueError, match="set data.channels to 3"):
-            build(meta_for(name, channels, size, classes))
+            build(card_for(name, channels, size, classes))
         return
     torch.manual_seed(0)
-    model = build(meta_for(name, channels, size, classes))
+    model = build(card_for(name, channels, size, classes))
     images = torch.randint(0, 256, (4, channels, size, size), dtype=torch.uint8)
     logits = model(images)
     assert logits.shape == (4, classes)
@@ -50,7 +49,7 @@ def test_forward_and_backward(name, channels, size, classes):
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_loss_falls_on_a_tiny_batch(name):
     torch.manual_seed(0)
-    model = build(meta_for(name))
+    model = build(card_for(name))
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
     labels = torch.arange(8) % 10
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -66,31 +65,28 @@ def test_loss_falls_on_a_tiny_batch(name):
 
 def test_lenet_refuses_images_too_small():
     with pytest.raises(ValueError, match="at least 16x16.*data.image_size"):
-        build(meta_for("lenet", size=8))
+        build(card_for("lenet", size=8))
 
 
 def test_lenet_is_the_tutorial_function():
-    """LeNet applies ReLU after the max-pool, the tutorial (as bench/training.py writes it out) before
-    it: outputs and gradients agree to the bit."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_training", REPO / "bench" / "training.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    """LeNet applies ReLU after the max-pool, the tutorial (TutorialLeNet, which bench/training.py's
+    reference loop trains) before it: outputs and gradients agree to the bit."""
     torch.manual_seed(0)
-    ours = MODELS["lenet"](3, 32, 10)
-    tutorial = bench.tutorial_net()
+    ours = constructor("lenet")(3, 32, 10)
+    tutorial = TutorialLeNet(3, 32, 10)
     tutorial.load_state_dict(ours.state_dict())
     x = torch.randn(32, 3, 32, 32)
     a, b = ours(x), tutorial(x)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for ga, gb in zip(torch.autograd.grad(a.square().sum(), list(ours.parameters())),
-                      torch.autograd.grad(b.square().sum(), list(tutorial.parameters()))):
+    for ga, gb in zip(
+        torch.autograd.grad(a.square().sum(), list(ours.parameters())),
+        torch.autograd.grad(b.square().sum(), list(tutorial.parameters())),
+    ):
         torch.testing.assert_close(ga, gb, rtol=0, atol=0)
 
 
 def test_normalisation_travels_in_the_model():
-    model = build(meta_for("lenet"))
+    model = build(card_for("lenet"))
     assert isinstance(model, Classifier)
     assert set(model.state_dict()) >= {"mean", "std"}
     assert model.mean.flatten().tolist() == [0.5] * 3
@@ -109,14 +105,40 @@ def test_normalisation_travels_in_the_model():
 
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
-    model = build(meta_for("lenet", channels=1))
-    save_checkpoint(model, meta_for("lenet", channels=1), tmp_path)
+    model = build(card_for("lenet", channels=1))
+    save_checkpoint(model, card_for("lenet", channels=1), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
-    loaded, meta = load_checkpoint_dir(tmp_path)
+    loaded, card = load_checkpoint_dir(tmp_path)
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 1), dtype=np.uint8)
     np.testing.assert_array_equal(predict_proba(model, images), predict_proba(loaded, images))
-    assert meta["classes"] == [str(i) for i in range(10)]
+    assert card == card_for("lenet", channels=1)
     assert predict_proba(loaded, images[:0]).shape == (0, 10)
+
+
+def test_the_model_card_round_trips_through_json():
+    card = card_for("fastnet", tta_flip=True, tta_translate=1, train={"epochs": 7}, mlflow_run_id="abc")
+    assert ModelCard.from_json(card.to_json()) == card
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d.update(colour="red"), "model.json: colour: unknown field"),
+        (lambda d: d.pop("tta_flip"), "model.json: tta_flip: missing field"),
+        (lambda d: d.update(card_version=0), "model.json: card_version: 0, but this code reads version 1"),
+        (lambda d: d.pop("card_version"), "model.json: card_version: None, but this code reads version 1"),
+        (lambda d: d.update(image_size="32"), "model.json: image_size: expected an integer, got '32'"),
+        (lambda d: d.update(mean=[0.5, 0.5]), "model.json: mean: expected 3 values"),
+        (lambda d: d.update(classes=["one"]), "model.json: classes: a classifier needs at least 2"),
+    ],
+)
+def test_a_bad_model_card_fails_loudly_naming_the_field(tmp_path, edit, message):
+    """No defaults fill in what a card lacks: a model written by other code is refused, not misread."""
+    raw = card_for("lenet").to_dict()
+    edit(raw)
+    (tmp_path / "model.json").write_text(json.dumps(raw))
+    with pytest.raises(CardError, match=message):
+        ModelCard.read(tmp_path / "model.json")
 
 
 def test_pretrained_weights_round_trip(tmp_path):
@@ -125,24 +147,26 @@ def test_pretrained_weights_round_trip(tmp_path):
 
     source = get_model("mobilenet_v3_small", weights=None)
     torch.save(source.state_dict(), tmp_path / "weights.pth")
-    model = build(meta_for("torchvision:mobilenet_v3_small", classes=7), pretrained=str(tmp_path / "weights.pth"))
+    model = build(card_for("torchvision:mobilenet_v3_small", classes=7), pretrained=str(tmp_path / "weights.pth"))
     torch.testing.assert_close(model.net.features[0][0].weight, source.features[0][0].weight)
     assert model.net.classifier[-1].out_features == 7
     from safetensors.torch import save_file
 
     save_file(source.state_dict(), str(tmp_path / "weights.safetensors"))
-    again = build(meta_for("torchvision:mobilenet_v3_small", classes=7), pretrained=str(tmp_path / "weights.safetensors"))
+    again = build(
+        card_for("torchvision:mobilenet_v3_small", classes=7), pretrained=str(tmp_path / "weights.safetensors")
+    )
     torch.testing.assert_close(again.net.features[0][0].weight, source.features[0][0].weight)
 
 
 def test_missing_pretrained_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="train.pretrained: no such file: .*never downloaded"):
-        build(meta_for("torchvision:resnet18"), pretrained=str(tmp_path / "nope.pth"))
+        build(card_for("torchvision:resnet18"), pretrained=str(tmp_path / "nope.pth"))
 
 
 def test_fastnet_whitening_comes_from_the_data():
     torch.manual_seed(0)
-    model = build(meta_for("fastnet"))
+    model = build(card_for("fastnet"))
     images = torch.rand(64, 3, 32, 32)
     model.net.init_from_data(images)
     weights = model.net.whiten.weight
@@ -155,7 +179,7 @@ def test_fastnet_whitening_comes_from_the_data():
 
 def test_make_deterministic_swaps_adaptive_average_pooling():
     torch.manual_seed(0)
-    model = build(meta_for("torchvision:resnet18")).eval()
+    model = build(card_for("torchvision:resnet18")).eval()
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     before = model(images)
     make_deterministic(model)
@@ -165,8 +189,7 @@ def test_make_deterministic_swaps_adaptive_average_pooling():
 
 def test_tta_flip_averages_an_image_and_its_mirror():
     torch.manual_seed(0)
-    meta = {**meta_for("lenet"), "tta_flip": True}
-    model = build(meta).eval()
+    model = build(card_for("lenet", tta_flip=True)).eval()
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     x = model.normalise(images)
     torch.testing.assert_close(model(images), 0.5 * (model.net(x) + model.net(x.flip(3))))
@@ -176,7 +199,7 @@ def test_tta_flip_averages_an_image_and_its_mirror():
 
 def test_tta_translate_adds_views_shifted_up_left_and_down_right():
     torch.manual_seed(0)
-    model = build({**meta_for("lenet"), "tta_flip": True, "tta_translate": 1}).eval()
+    model = build(card_for("lenet", tta_flip=True, tta_translate=1)).eval()
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     x = model.normalise(images)
 
@@ -191,7 +214,7 @@ def test_tta_translate_adds_views_shifted_up_left_and_down_right():
 
 def test_lenet_bn_is_lenet_with_normalised_pooled_maps():
     torch.manual_seed(0)
-    plain, normed = MODELS["lenet"](3, 32, 10), MODELS["lenet-bn"](3, 32, 10)
+    plain, normed = constructor("lenet")(3, 32, 10), constructor("lenet-bn")(3, 32, 10)
     assert set(plain.state_dict()) < set(normed.state_dict())
     normed.load_state_dict(plain.state_dict(), strict=False)
     x = torch.randn(8, 3, 32, 32)
@@ -208,7 +231,7 @@ def test_fastnet_compiled_under_bf16_autocast_has_finite_gradients():
     here on the CPU: the compiled backward of a global max-pool written as amax returned NaN for every
     gradient below it."""
     torch.manual_seed(0)
-    model = build(meta_for("fastnet-s"))
+    model = build(card_for("fastnet-s"))
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     model.net.init_from_data(model.normalise(images))
     torch._dynamo.reset()

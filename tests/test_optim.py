@@ -7,14 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import REPO
-from imgclf.config import load_params
+from conftest import card_for, default_config
 from imgclf.models import build
 from imgclf.optim import lr_factor, make_optimizer, make_scheduler, orthogonalise
 
-TRAIN = load_params(REPO / "params.yaml").train
-META = {"model": "fastnet-s", "classes": list("abcdefghij"), "image_size": 32, "channels": 3,
-        "mean": [0.5] * 3, "std": [0.25] * 3}
+TRAIN = default_config().train
+META = card_for("fastnet-s")
 
 
 @pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop", "muon"])
@@ -27,14 +25,28 @@ def test_every_optimizer_steps(name):
     assert not torch.equal(before, model.net.head.weight)
 
 
-@pytest.mark.parametrize("name, reference", [
-    ("sgd", lambda params, cfg: torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                                                weight_decay=cfg.weight_decay, foreach=False)),
-    ("adam", lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)),
-    ("adamw", lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)),
-    ("rmsprop", lambda params, cfg: torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum,
-                                                        weight_decay=cfg.weight_decay, foreach=False)),
-])
+@pytest.mark.parametrize(
+    "name, reference",
+    [
+        (
+            "sgd",
+            lambda params, cfg: torch.optim.SGD(
+                params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay, foreach=False
+            ),
+        ),
+        ("adam", lambda params, cfg: torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)),
+        (
+            "adamw",
+            lambda params, cfg: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False),
+        ),
+        (
+            "rmsprop",
+            lambda params, cfg: torch.optim.RMSprop(
+                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=False
+            ),
+        ),
+    ],
+)
 def test_fast_optimizers_step_like_the_reference_loop(name, reference):
     """Our optimizers run fused or multi-tensor kernels: three steps must match PyTorch's plain
     per-parameter implementation of the same algorithm."""
@@ -49,7 +61,7 @@ def three_steps(make, cfg, filters_fixed: bool = False) -> list[torch.Tensor]:
     """LeNet's weights after three steps of the optimizer `make(model, cfg)` on a fixed batch."""
     images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(0)
-    model = build({**META, "model": "lenet"})  # no bias ahead of a BatchNorm: no gradient that is only rounding noise
+    model = build(card_for("lenet"))  # no bias ahead of a BatchNorm: no gradient that is only rounding noise
     for p in model.parameters():
         p.requires_grad_(not (filters_fixed and p.ndim == 4))
     optimizer = make(model, cfg)
@@ -65,9 +77,18 @@ def test_muon_steps_other_parameters_like_sgd():
     cfg = dataclasses.replace(TRAIN, optimizer="muon", lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-3)
     # The filters fixed, so that the same gradients reach both optimizers.
     ours = three_steps(make_optimizer, cfg, filters_fixed=True)
-    plain = three_steps(lambda model, cfg: torch.optim.SGD(
-        [p for p in model.parameters() if p.ndim != 4], lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-        weight_decay=cfg.weight_decay, foreach=False), cfg, filters_fixed=True)
+    plain = three_steps(
+        lambda model, cfg: torch.optim.SGD(
+            [p for p in model.parameters() if p.ndim != 4],
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=True,
+            weight_decay=cfg.weight_decay,
+            foreach=False,
+        ),
+        cfg,
+        filters_fixed=True,
+    )
     for a, b in zip(ours, plain):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -117,10 +138,13 @@ def test_norm_biases_learn_faster_with_the_same_decay_per_step():
     assert len(biases["params"]) + len(others["params"]) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("schedule, expected", [
-    ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]),
-    ("onecycle", [0.25, 0.5, 0.75, 1.0, 1.0, 0.75, 0.5, 0.25]),
-])
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        ("constant", [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("onecycle", [0.25, 0.5, 0.75, 1.0, 1.0, 0.75, 0.5, 0.25]),
+    ],
+)
 def test_schedules(schedule, expected):
     got = [lr_factor(step, 8, schedule, 0.5, 0.0) for step in range(8)]
     assert got == pytest.approx(expected)
@@ -130,8 +154,15 @@ def test_schedules(schedule, expected):
 
 
 def test_scheduler_scales_every_group():
-    cfg = dataclasses.replace(TRAIN, optimizer="sgd", lr=1.0, norm_bias_lr_scale=10.0, schedule="onecycle",
-                              warmup_fraction=0.0, final_lr_fraction=0.0)
+    cfg = dataclasses.replace(
+        TRAIN,
+        optimizer="sgd",
+        lr=1.0,
+        norm_bias_lr_scale=10.0,
+        schedule="onecycle",
+        warmup_fraction=0.0,
+        final_lr_fraction=0.0,
+    )
     optimizer = make_optimizer(build(META), cfg)
     scheduler = make_scheduler(optimizer, cfg, total_steps=10)
     for _ in range(5):
@@ -151,9 +182,10 @@ def test_micro_batches_accumulate_to_the_whole_batch():
     weights = []
     for micro in (0, 16):
         torch.manual_seed(0)
-        cfg = dataclasses.replace(TRAIN, model="lenet", optimizer="sgd", lr=0.05, batch_size=48, micro_batch=micro,
-                                  epochs=1)
-        training = Training(build({**META, "model": "lenet"}), data, data, cfg, torch.device("cpu"))
+        cfg = dataclasses.replace(
+            TRAIN, model="lenet", optimizer="sgd", lr=0.05, batch_size=48, micro_batch=micro, epochs=1
+        )
+        training = Training(build(card_for("lenet")), data, data, cfg, torch.device("cpu"))
         training.run_epoch()
         weights.append(training.model.net.fc3.weight.detach().clone())
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-5)

@@ -6,6 +6,7 @@ These tests share one built project (see conftest.built_project) and only read i
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import free_port, fresh_copy, readme_command, run
+from imgclf.config import load_params
 
 pytestmark = pytest.mark.integration
 
@@ -30,9 +32,17 @@ def test_first_repro_runs_every_stage(built_project):
     root, proc = built_project
     for stage in STAGES:
         assert f"Running stage '{stage}'" in proc.stdout
-    for path in ("data/raw/digits.npz", "data/prepared/train_images.npy", "models/model.safetensors",
-                 "models/model.json", "metrics/test.json", "metrics/predictions.csv", "metrics/confusion.png",
-                 "models/registration.json", "dvc.lock"):
+    for path in (
+        "data/raw/digits.npz",
+        "data/prepared/train_images.npy",
+        "models/model.safetensors",
+        "models/model.json",
+        "metrics/test.json",
+        "metrics/predictions.csv",
+        "metrics/confusion.png",
+        "models/registration.json",
+        "dvc.lock",
+    ):
         assert (root / path).is_file(), path
 
 
@@ -43,6 +53,11 @@ def test_readme_make_run_runs_the_pipeline(tmp_path):
     if not (venv / ".installed").is_file():
         pytest.skip(f"{venv} was not made by `make` (no .installed marker), so `make run` would rebuild it")
     root = fresh_copy(tmp_path / "project")
+    # The copy's files are new, but they are those the venv was built from: make must not reinstall
+    # (which would point the venv's editable install at this copy).
+    installed = (venv / ".installed").stat().st_mtime
+    for name in ("requirements.txt", "pyproject.toml"):
+        os.utime(root / name, (installed - 1, installed - 1))
     command = readme_command("make run") + f" VENV={venv}"
     proc = run(command, root)
     assert "Running stage 'register'" in proc.stdout
@@ -80,14 +95,23 @@ def test_one_mlflow_run_holds_train_evaluate_register(built_project):
     experiment = client.get_experiment_by_name("image-classifier")
     assert experiment is not None
     (run_info,) = client.search_runs([experiment.experiment_id])
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    # every param, per-epoch history, test metrics, artifacts, the code version
-    assert run_info.data.params["train.lr"] == str(params["train"]["lr"])
+    train = load_params(root / "params.yaml").train
+    # every param (as resolved from the preset), per-epoch history, test metrics, artifacts, the code version
+    assert run_info.data.params["train.lr"] == str(train.lr) and run_info.data.params["train.preset"] == "default"
     assert run_info.data.params["data.dataset"] == "digits"
     history = client.get_metric_history(run_info.info.run_id, "val_accuracy")
-    assert [m.step for m in history] == list(range(1, params["train"]["epochs"] + 1))
-    for key in ("train_loss", "train_accuracy", "val_loss", "test_accuracy", "test_recall_macro",
-                "test_precision_macro", "test_f1_macro", "test_recall_0", "test_precision_9"):
+    assert [m.step for m in history] == list(range(1, train.epochs + 1))
+    for key in (
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "test_accuracy",
+        "test_recall_macro",
+        "test_precision_macro",
+        "test_f1_macro",
+        "test_recall_0",
+        "test_precision_9",
+    ):
         assert key in run_info.data.metrics, key
     # the data version: the DVC hash of the raw data, as a tag and as the dataset input's digest
     lock = yaml.safe_load((root / "dvc.lock").read_text())
@@ -120,8 +144,13 @@ def test_mlflow_ui_shows_the_experiment(built_project):
 
     root, _ = built_project
     port = free_port()
-    server = subprocess.Popen(["mlflow", "ui", "--port", str(port)], cwd=root, env=project_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        ["mlflow", "ui", "--port", str(port)],
+        cwd=root,
+        env=project_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=image-classifier"
         deadline = time.monotonic() + 90

@@ -27,8 +27,10 @@ def mini_experiment(tmp_path_factory):
     if not MINI.is_file():
         pytest.skip(f"{MINI} is absent (set IMGCLF_DATASETS to the folder holding cifar10-jpg-mini.tar.gz)")
     root = fresh_copy(tmp_path_factory.mktemp("real") / "project")
-    proc = run(["dvc", "exp", "run", "-S", "data.dataset=imagefolder", "-S", f"data.path={MINI}",
-                "-S", "data.image_size=32"], root)
+    proc = run(
+        ["dvc", "exp", "run", "-S", "data.dataset=imagefolder", "-S", f"data.path={MINI}", "-S", "data.image_size=32"],
+        root,
+    )
     return root, proc
 
 
@@ -37,8 +39,9 @@ def test_image_folder_experiment_runs_end_to_end(mini_experiment):
     for stage in ("download", "prepare", "train", "evaluate", "register"):
         assert f"Running stage '{stage}'" in proc.stdout
     meta = json.loads((root / "data/prepared/meta.json").read_text())
-    assert meta["classes"] == sorted(["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                      "ship", "truck"])
+    assert meta["classes"] == sorted(
+        ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    )
     assert meta["counts"]["test"] == {name: 20 for name in meta["classes"]}  # the archive's test/ folder
     assert meta["channels"] == 3 and meta["image_size"] == 32
     metrics = json.loads((root / "metrics/test.json").read_text())
@@ -70,17 +73,18 @@ def test_readme_fast_cifar_command_runs_the_preset(tmp_path):
 
     root = fresh_copy(tmp_path / "project")
     command = readme_command("dvc exp run -S train.preset=fast-cifar")
-    # A preset's own keys are changed in its file: `-S presets/<name>.yaml:<key>=<value>`.
     command = command.replace("../shared/datasets/cifar10-jpg.tar.gz", str(MINI))
-    # ... and the README's advice for GPUs, whole batches, here on the CPU; and its fp32 setting.
-    run(command + " -S presets/fast-cifar.yaml:epochs=1 -S presets/fast-cifar.yaml:micro_batch=0"
-        " -S presets/fast-cifar.yaml:precision=fp32", root)
+    # A key given with the preset wins over it; here the README's advice for GPUs, whole batches (on the
+    # CPU), and its fp32 setting.
+    proc = run(command + " -S train.epochs=1 -S train.micro_batch=0 -S train.precision=fp32", root)
+    assert "Overriding: train.epochs = 1 (preset fast-cifar: 7)" in proc.stdout
     receipt = json.loads((root / "models/registration.json").read_text())
     assert receipt["model_name"] == "cifar10-jpg-mini-fastnet"
     params = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").get_run(receipt["run_id"]).data.params
     preset = yaml.safe_load((root / "presets" / "fast-cifar.yaml").read_text())
-    for key in ("model", "lr", "batch_size", "lookahead", "norm_bias_lr_scale"):
+    for key in ("model", "lr", "batch_size", "norm_bias_lr_scale"):
         assert params[f"train.{key}"] == str(preset[key]), key
+    assert params["train.lookahead"] == "False"  # from its base, the default preset
     assert params["train.preset"] == "fast-cifar" and params["train.epochs"] == "1"
     assert params["train.micro_batch"] == "0" and params["train.precision"] == "fp32"
 
@@ -90,11 +94,32 @@ def test_training_bench_prints_its_tables(tmp_path):
     on so few images the target accuracy may not be reached, which the table shows as nan)."""
     if not MINI.is_file():
         pytest.skip(f"{MINI} is absent (set IMGCLF_DATASETS to the folder holding cifar10-jpg-mini.tar.gz)")
-    proc = run(["python", str(REPO / "bench" / "training.py"), "--archive", str(MINI), "--repeats", "1",
-                "--tutorial-batches", "20", "--parts", "throughput,target,flops"], tmp_path)
-    for line in ("throughput, LeNet", "tutorial ", "ours, batch 256", "ours, batch 1024",
-                 "time to 54.5% test accuracy", "ours (lenet-bn, muon, test-time flip)", "achieved training FLOP/s",
-                 "lenet, batch 256", "lenet, batch 1024"):
+    proc = run(
+        [
+            "python",
+            str(REPO / "bench" / "training.py"),
+            "--archive",
+            str(MINI),
+            "--repeats",
+            "1",
+            "--tutorial-batches",
+            "20",
+            "--parts",
+            "throughput,target,flops",
+        ],
+        tmp_path,
+    )
+    for line in (
+        "throughput, LeNet",
+        "tutorial ",
+        "ours, batch 256",
+        "ours, batch 1024",
+        "time to 54.5% test accuracy",
+        "ours (lenet-bn, muon, test-time flip)",
+        "achieved training FLOP/s",
+        "lenet, batch 256",
+        "lenet, batch 1024",
+    ):
         assert line in proc.stdout, line
 
 
@@ -107,11 +132,16 @@ def test_readme_gpu_bench_command_runs_on_the_cpu(tmp_path):
     from conftest import readme_command
 
     command = readme_command("python bench/gpu.py").replace("python bench/", f"python {REPO}/bench/")
-    proc = run(command + f" --device cpu --archive {MINI} --seeds 1 --ladder 2 --ladder-seeds 1"
-               " --set micro_batch=0,epochs=1", tmp_path)
+    proc = run(
+        command + f" --device cpu --archive {MINI} --seeds 1 --ladder 2 --ladder-seeds 1 --set micro_batch=0,epochs=1",
+        tmp_path,
+    )
     assert "determinism: two deterministic runs of 2 epochs are bit-identical" in proc.stdout
     summary = proc.stdout.split("\nsummary (CPU")[1]
     rows = [line.split() for line in summary.splitlines()[1:] if line.startswith("  fastnet")]
-    assert [(r[0], r[1], r[-1]) for r in rows] == [("fastnet", "1", "fast-cifar"), ("fastnet", "2", "epochs"),
-                                                   ("fastnet", "1", "compile=true")]
+    assert [(r[0], r[1], r[-1]) for r in rows] == [
+        ("fastnet", "1", "fast-cifar"),
+        ("fastnet", "2", "epochs"),
+        ("fastnet", "1", "compile=true"),
+    ]
     assert "time to 91%: not reached; best mean" in summary  # 980 training images: far from 91%

@@ -13,21 +13,26 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from conftest import REPO, project_env
+from conftest import default_params, project_env, write_params
 
 
 def stage(root: Path, name: str, uri: str | None = None) -> subprocess.CompletedProcess:
     env = project_env(MLFLOW_TRACKING_URI=uri or f"sqlite:///{root / 'store.db'}")
-    return subprocess.run([sys.executable, "-m", f"imgclf.{name}", "--params", "params.yaml"], cwd=root,
-                          env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", f"imgclf.{name}", "--params", "params.yaml"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def set_params(root: Path, **train) -> None:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = default_params()
     params["train"].update(train)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(root, params)
 
 
 def sha(path: Path) -> str:
@@ -49,12 +54,28 @@ def workdir(tmp_path, prepared) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize("train", [
-    dict(model="lenet", epochs=3, flip=True, translate=2, cutout=4, ema_decay=0.9, label_smoothing=0.1),
-    dict(model="fastnet-s", epochs=1, batch_size=128, optimizer="sgd", nesterov=True, lr=0.2,
-         schedule="onecycle", warmup_fraction=0.2, flip=True, alternate_flip=True, translate=2, tta_flip=True,
-         tta_translate=1, whiten_bias_epochs=1),
-])
+@pytest.mark.parametrize(
+    "train",
+    [
+        dict(model="lenet", epochs=3, flip=True, translate=2, cutout=4, ema_decay=0.9, label_smoothing=0.1),
+        dict(
+            model="fastnet-s",
+            epochs=1,
+            batch_size=128,
+            optimizer="sgd",
+            nesterov=True,
+            lr=0.2,
+            schedule="onecycle",
+            warmup_fraction=0.2,
+            flip=True,
+            alternate_flip=True,
+            translate=2,
+            tta_flip=True,
+            tta_translate=1,
+            whiten_bias_epochs=1,
+        ),
+    ],
+)
 def test_training_twice_from_scratch_gives_identical_weights(tmp_path, prepared, train):
     hashes, metrics = [], []
     for attempt in ("a", "b"):
@@ -75,6 +96,15 @@ def test_checkpoint_of_other_params_is_not_resumed(workdir):
     set_params(workdir, epochs=2)
     assert stage(workdir, "train").returncode == 0
     set_params(workdir, epochs=2, lr=0.001)
+    proc = stage(workdir, "train")
+    assert proc.returncode == 0
+    # The checkpoint is of a run that finished: there was nothing to resume, so nothing is said.
+    assert "resuming" not in proc.stdout
+    # One of a run that stopped half way (here: a 2-epoch checkpoint of a 5-epoch run) is worth a word.
+    path = workdir / "models/checkpoint/last.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, "epochs": 5}, path)
+    set_params(workdir, epochs=2, lr=0.003)
     proc = stage(workdir, "train")
     assert proc.returncode == 0
     assert "not resuming from models/checkpoint/last.pt: it was written for other params" in proc.stdout

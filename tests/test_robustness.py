@@ -20,8 +20,18 @@ from test_variants import set_param
 pytestmark = pytest.mark.integration
 
 # A model slow enough to interrupt mid-run, fast enough for CI: about a second per epoch on digits.
-SLOW = {"model": "fastnet-s", "optimizer": "sgd", "nesterov": "true", "lr": "0.2", "schedule": "onecycle",
-        "warmup_fraction": "0.2", "batch_size": "64", "epochs": "10", "flip": "true", "translate": "2"}
+SLOW = {
+    "model": "fastnet-s",
+    "optimizer": "sgd",
+    "nesterov": "true",
+    "lr": "0.2",
+    "schedule": "onecycle",
+    "warmup_fraction": "0.2",
+    "batch_size": "64",
+    "epochs": "10",
+    "flip": "true",
+    "translate": "2",
+}
 
 
 def configure(root: Path, **train: str) -> None:
@@ -57,11 +67,19 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(tmp_pa
     root = fresh_copy(tmp_path / "killed")
     configure(root)
     started = time.time()
-    repro = subprocess.Popen(["dvc", "repro"], cwd=root, env=project_env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    repro = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=root,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     wait_for(lambda: epochs_done(root, started) >= 3 or repro.poll() is not None, 300, "three epochs")
-    trainers = [p for p in psutil.Process(repro.pid).children(recursive=True)
-                if "imgclf.train" in " ".join(p.cmdline())]
+    trainers = [
+        p for p in psutil.Process(repro.pid).children(recursive=True) if "imgclf.train" in " ".join(p.cmdline())
+    ]
     assert trainers, "the train stage was not running"
     for p in trainers:
         p.send_signal(signal.SIGKILL)
@@ -96,14 +114,23 @@ def test_tracking_server_going_away_mid_training_loses_nothing(tmp_path):
     server = start_server(store, port)
     uri = f"http://127.0.0.1:{port}"
     started = time.time()
-    repro = subprocess.Popen(["dvc", "repro"], cwd=root, env=project_env(MLFLOW_TRACKING_URI=uri),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    repro = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=root,
+        env=project_env(MLFLOW_TRACKING_URI=uri),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_for(lambda: epochs_done(root, started) >= 2 or repro.poll() is not None, 300, "two epochs")
         stop(server)  # the store disappears while training goes on
         down_at = epochs_done(root, started)
-        wait_for(lambda: epochs_done(root, started) >= down_at + 2 or repro.poll() is not None, 300,
-                 "training without a store")
+        wait_for(
+            lambda: epochs_done(root, started) >= down_at + 2 or repro.poll() is not None,
+            300,
+            "training without a store",
+        )
         server = start_server(store, port)
         output, _ = repro.communicate(timeout=600)
     finally:
@@ -132,11 +159,15 @@ def test_four_queued_experiments_on_two_workers_land_in_one_store(tmp_path):
     def finished() -> bool:
         status = run(["dvc", "queue", "status"], root).stdout
         return "Queued" not in status and "Running" not in status
+
     wait_for(finished, 900, "the queue")
     status = run(["dvc", "queue", "status"], root).stdout
     assert status.count("Success") == 4, status
-    logs = "".join(run(["dvc", "queue", "logs", line.split()[0]], root, check=False).stdout
-                   for line in status.splitlines() if "Success" in line)
+    logs = "".join(
+        run(["dvc", "queue", "logs", line.split()[0]], root, check=False).stdout
+        for line in status.splitlines()
+        if "Success" in line
+    )
     assert "database is locked" not in logs
     client = mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("image-classifier").experiment_id])

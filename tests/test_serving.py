@@ -26,8 +26,15 @@ def server(built_project):
     port = free_port()
     command = readme_command("mlflow models serve").replace("-p 5001", f"-p {port}")
     assert f"-p {port}" in command
-    proc = subprocess.Popen(command, shell=True, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=project_env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"), start_new_session=True)
+    proc = subprocess.Popen(
+        command,
+        shell=True,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=project_env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"),
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
@@ -67,7 +74,7 @@ def test_http_predictions_equal_evaluate_predictions(server):
         expected = list(csv.DictReader(f))
     got = []
     for start in range(0, len(images), 120):  # under serve.max_images per request
-        status, body = post(url, images_request([encode_png(image) for image in images[start:start + 120]]))
+        status, body = post(url, images_request([encode_png(image) for image in images[start : start + 120]]))
         assert status == 200, body
         got += body["predictions"]
     assert len(got) == len(expected) == len(images)
@@ -121,8 +128,13 @@ def _png_claiming(width: int, height: int) -> bytes:
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
 
 
 def _b64(data: bytes) -> str:
@@ -140,31 +152,71 @@ def _bad_requests(good: bytes) -> dict[str, tuple[bytes, str, int, str]]:
     array = {"array": _b64(bytes(8 * 8)), "shape": [1, 8, 8, 1], "dtype": "uint8"}
     as_json = lambda value: json.dumps(value).encode()  # noqa: E731
     return {
-        "truncated JPEG": (as_json({"inputs": [_b64(good), _b64(jpeg.getvalue()[:400])]}), "application/json", 400,
-                           "input 1: cannot decode the image"),
-        "random bytes": (as_json({"inputs": [_b64(np.random.default_rng(0).bytes(500))]}), "application/json", 400,
-                         "input 0: not an image file"),
-        "invalid base64": (as_json({"inputs": [_b64(good), "!!!not base64"]}), "application/json", 400,
-                           "input 1: not valid base64"),
+        "truncated JPEG": (
+            as_json({"inputs": [_b64(good), _b64(jpeg.getvalue()[:400])]}),
+            "application/json",
+            400,
+            "input 1: cannot decode the image",
+        ),
+        "random bytes": (
+            as_json({"inputs": [_b64(np.random.default_rng(0).bytes(500))]}),
+            "application/json",
+            400,
+            "input 0: not an image file",
+        ),
+        "invalid base64": (
+            as_json({"inputs": [_b64(good), "!!!not base64"]}),
+            "application/json",
+            400,
+            "input 1: not valid base64",
+        ),
         "empty list": (as_json({"inputs": []}), "application/json", 400, "inputs is empty"),
         "wrong JSON shape": (as_json({"instances": [_b64(good)]}), "application/json", 400, 'expected {"inputs"'),
         "inputs not a list": (as_json({"inputs": 5}), "application/json", 400, "inputs must be a list"),
-        "a number for an image": (as_json({"inputs": [7]}), "application/json", 400,
-                                  "input 0: expected a base64 string"),
+        "a number for an image": (
+            as_json({"inputs": [7]}),
+            "application/json",
+            400,
+            "input 0: expected a base64 string",
+        ),
         "not JSON": (b"{inputs: nope", "application/json", 400, "not valid JSON"),
-        "wrong array shape": (as_json({"inputs": {**array, "shape": [1, 8, 8]}}), "application/json", 400,
-                              "array shape must be [N, H, W, C]"),
-        "wrong array dtype": (as_json({"inputs": {**array, "dtype": "float32"}}), "application/json", 400,
-                              "array dtype must be uint8"),
-        "array of the wrong size": (as_json({"inputs": {**array, "shape": [2, 8, 8, 1]}}), "application/json", 400,
-                                    "array holds 64 bytes, but shape [2, 8, 8, 1] needs 128"),
-        "too many images": (as_json({"inputs": [_b64(good)] * 257}), "application/json", 413,
-                            "257 images in one request, over the limit of 256"),
-        "decompression bomb": (as_json({"inputs": [_b64(_png_claiming(20_000, 20_000))]}), "application/json", 413,
-                               "input 0: too many pixels, over the limit"),
+        "wrong array shape": (
+            as_json({"inputs": {**array, "shape": [1, 8, 8]}}),
+            "application/json",
+            400,
+            "array shape must be [N, H, W, C]",
+        ),
+        "wrong array dtype": (
+            as_json({"inputs": {**array, "dtype": "float32"}}),
+            "application/json",
+            400,
+            "array dtype must be uint8",
+        ),
+        "array of the wrong size": (
+            as_json({"inputs": {**array, "shape": [2, 8, 8, 1]}}),
+            "application/json",
+            400,
+            "array holds 64 bytes, but shape [2, 8, 8, 1] needs 128",
+        ),
+        "too many images": (
+            as_json({"inputs": [_b64(good)] * 257}),
+            "application/json",
+            413,
+            "257 images in one request, over the limit of 256",
+        ),
+        "decompression bomb": (
+            as_json({"inputs": [_b64(_png_claiming(20_000, 20_000))]}),
+            "application/json",
+            413,
+            "input 0: too many pixels, over the limit",
+        ),
         "wrong content type": (b"inputs=1", "text/plain", 415, "Content-Type: application/json"),
-        "50 MB body": (b'{"inputs": ["' + b"A" * 50_000_000 + b'"]}', "application/json", 413,
-                       "over the limit of 20,000,000"),
+        "50 MB body": (
+            b'{"inputs": ["' + b"A" * 50_000_000 + b'"]}',
+            "application/json",
+            413,
+            "over the limit of 20,000,000",
+        ),
     }
 
 
@@ -188,7 +240,7 @@ def test_bad_input_gets_a_short_4xx_and_the_server_keeps_serving(server, case):
 
 def test_readme_array_request_is_served(server):
     root, _, port = server
-    build = readme_command("python -c \"import base64,json,numpy as np")
+    build = readme_command('python -c "import base64,json,numpy as np')
     curl = readme_command("curl -s localhost:5001/invocations -H 'Content-Type: application/json' -d @request.json")
     run(build, root)
     body = json.loads(run(curl.replace("localhost:5001", f"localhost:{port}"), root).stdout)

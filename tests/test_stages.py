@@ -10,18 +10,17 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import yaml
 
-from conftest import REPO
+from conftest import default_params, write_params
 from imgclf.images import encode_png
 from imgclf.models import load_checkpoint_dir, predict_proba
 
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = default_params()
     params["train"]["epochs"] = 3  # enough to check plumbing; accuracy is the integration tests' job
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path, params)
     monkeypatch.chdir(tmp_path)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "DVC_ROOT", "DVC_EXP_NAME"):
         monkeypatch.delenv(var, raising=False)

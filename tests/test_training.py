@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
-from imgclf import checkpoint
-from imgclf import train as train_module
-from imgclf.config import load_params
+from conftest import card_for, default_config
+from imgclf import checkpoint, devices
+from imgclf.devices import autocast_dtype, cpu_has_bf16
 from imgclf.models import build
-from imgclf.train import Arrays, Training, autocast_dtype, cpu_has_bf16
+from imgclf.train import Arrays, Training
 
 
 def random_split(n: int, seed: int) -> Arrays:
@@ -25,17 +24,14 @@ def random_split(n: int, seed: int) -> Arrays:
 
 
 def make_training(n: int, **train) -> Training:
-    cfg = dataclasses.replace(load_params(REPO / "params.yaml").train, model="fastnet-s",
-                              **{"optimizer": "sgd", "lr": 0.05, **train})
+    cfg = dataclasses.replace(default_config().train, model="fastnet-s", **{"optimizer": "sgd", "lr": 0.05, **train})
     torch.manual_seed(0)
-    model = build({"model": "fastnet-s", "classes": [str(i) for i in range(10)], "image_size": 32,
-                   "channels": 3, "mean": [0.5] * 3, "std": [0.25] * 3})
+    model = build(card_for("fastnet-s"))
     return Training(model, random_split(n, 0), random_split(16, 1), cfg, torch.device("cpu"))
 
 
 def test_whitening_bias_learns_only_for_its_epochs():
-    run = make_training(64, batch_size=32, epochs=3, whiten_bias_epochs=1, flip=True, alternate_flip=True,
-                         translate=2)
+    run = make_training(64, batch_size=32, epochs=3, whiten_bias_epochs=1, flip=True, alternate_flip=True, translate=2)
     model = run.model
     bias, head = model.net.whiten.bias, model.net.head.weight
 
@@ -90,7 +86,7 @@ def test_muon_training_resumed_from_a_checkpoint_ends_with_the_same_weights(tmp_
 
 
 def precision(name: str):
-    return dataclasses.replace(load_params(REPO / "params.yaml").train, precision=name)
+    return dataclasses.replace(default_config().train, precision=name)
 
 
 def test_auto_precision_is_bf16_exactly_where_the_cpu_reports_bf16_units():
@@ -105,7 +101,7 @@ def test_auto_precision_is_bf16_exactly_where_the_cpu_reports_bf16_units():
 
 
 def test_bf16_and_fp16_on_a_cpu_that_cannot_run_them_fast_are_refused_by_name(monkeypatch):
-    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)  # as on a CPU without bf16 units
+    monkeypatch.setattr(devices, "cpu_has_bf16", lambda: False)  # as on a CPU without bf16 units
     assert autocast_dtype(precision("auto"), torch.device("cpu")) is None
     with pytest.raises(ValueError, match="train.precision: bf16 on cpu: .*no bf16 units"):
         autocast_dtype(precision("bf16"), torch.device("cpu"))

@@ -25,7 +25,7 @@ def set_param(root, section: str, key: str, value: str) -> None:
     line = re.compile(rf"(?m)^(  {key}:\s*)\S+")
     new_block = line.sub(lambda m: m.group(1) + value, block.group(0), count=1)
     assert new_block != block.group(0), f"{section}.{key} not found"
-    path.write_text(text[:block.start()] + new_block + text[block.end():])
+    path.write_text(text[: block.start()] + new_block + text[block.end() :])
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,17 @@ from torch.nn import functional as F
 
 @dataclass(frozen=True)
 class Augment:
-    flip: bool = False     # random horizontal flip, probability 1/2
-    translate: int = 0     # random shift by up to this many pixels each way (reflection padding)
-    cutout: int = 0        # side of a square zeroed at a random place; 0 = off
+    flip: bool = False  # random horizontal flip, probability 1/2
+    translate: int = 0  # random shift by up to this many pixels each way (reflection padding)
+    cutout: int = 0  # side of a square zeroed at a random place; 0 = off
 
     @property
     def active(self) -> bool:
         return self.flip or self.translate > 0 or self.cutout > 0
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator,
-                 flip_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator, flip_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`flip_mask` (bool, one per image) says which images to mirror instead of drawing it at random."""
         if self.translate:
             images = translate(images, self.translate, generator)

@@ -33,8 +33,10 @@ def fingerprint(params: Params, prepared_dir: str | Path) -> str:
     digest = hashlib.sha256()
     train = {k: v for k, v in dataclasses.asdict(params.train).items() if k not in _NOT_FINGERPRINTED}
     digest.update(json.dumps(train, sort_keys=True).encode())
-    for path in sorted(Path(prepared_dir).iterdir()) + sorted(PACKAGE_DIR.glob("*.py")):
-        digest.update(path.name.encode())
+    files = [(p.name, p) for p in sorted(Path(prepared_dir).iterdir())]
+    files += [(p.relative_to(PACKAGE_DIR).as_posix(), p) for p in sorted(PACKAGE_DIR.rglob("*.py"))]
+    for name, path in files:
+        digest.update(name.encode())
         with open(path, "rb") as f:
             while block := f.read(1 << 22):
                 digest.update(block)

@@ -3,6 +3,11 @@
 Every key must be present in params.yaml (the single source of configuration: no defaults here that
 could drift from it). An unknown key, a missing key, a wrong type or an out-of-range value raises
 `ConfigError` naming the key; stage entry points turn it into exit code 2.
+
+Train recipes live in presets/<name>.yaml; `train.preset` names one. A recipe key that params.yaml leaves
+null takes the preset's value (a preset may build on another with `base: <name>`); a value params.yaml
+gives wins over the preset's, and is reported as an `Override` (the train stage prints each once, as
+nanoGPT's configurator does). MLflow and the model card record the resolved values.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from typing import Any, Literal
 
 import yaml
 
+from imgclf.architectures import ARCHITECTURES, TORCHVISION, is_known
+from imgclf.data.types import strip_archive_suffix
+
 
 class ConfigError(ValueError):
     """A params file that cannot be used; the message names the file and the key."""
@@ -31,13 +39,22 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
-               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."))
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
 
 
-def _bounded(*, ge: float | None = None, gt: float | None = None, le: float | None = None,
-             lt: float | None = None, pattern: str | None = None) -> Any:
+def _bounded(
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    pattern: str | None = None,
+) -> Any:
     """A required field with a range (numbers) or a regular expression (strings)."""
     return field(metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "pattern": pattern})
 
@@ -71,16 +88,16 @@ class DataConfig:
         """A short name for the data: the dataset, or the image folder's name without its suffix."""
         if self.dataset != "imagefolder":
             return self.dataset
-        name = Path(self.path.rstrip("/")).name
-        return re.sub(r"(\.tar(\.gz|\.bz2|\.xz)?|\.tgz|\.zip)$", "", name, flags=re.IGNORECASE) or "images"
+        return strip_archive_suffix(Path(self.path.rstrip("/")).name) or "images"
 
     def __post_init__(self) -> None:
         if self.dataset == "imagefolder":
             if self.path is None:
                 raise ConfigError("data.path: required when data.dataset is imagefolder")
             if self.image_size is None:
-                raise ConfigError("data.image_size: required when data.dataset is imagefolder "
-                                  "(image folders hold images of any size)")
+                raise ConfigError(
+                    "data.image_size: required when data.dataset is imagefolder (image folders hold images of any size)"
+                )
 
 
 @dataclass(frozen=True)
@@ -94,11 +111,18 @@ class PrepareConfig:
     out_dir: str
 
 
+# Train keys that say where and how a run executes, not what it trains: params.yaml sets them, never a
+# preset. Every other train key is a recipe key: null in params.yaml takes the preset's value.
+RUN_KEYS = frozenset(
+    {"preset", "seed", "device", "threads", "deterministic", "model_dir", "metrics_dir", "checkpoint_dir"}
+)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    # A file presets/<name>.yaml whose keys override this section (none: no preset).
-    preset: str = _bounded(pattern=r"none|[A-Za-z0-9_\-]+")
-    model: str = _bounded(pattern=r"lenet|lenet-bn|fastnet|fastnet-s|resnet18|torchvision:[A-Za-z0-9_]+")
+    # presets/<name>.yaml: the recipe whose values fill the keys params.yaml leaves null.
+    preset: str = _bounded(pattern=r"[A-Za-z0-9_\-]+")
+    model: str  # see imgclf.architectures
     # torchvision models: a local file of pretrained weights (state dict); nothing is downloaded.
     pretrained: str | None
     freeze_epochs: int = _bounded(ge=0)  # with pretrained weights: train only the new head at first
@@ -144,7 +168,11 @@ class TrainConfig:
     checkpoint_dir: str
 
     def __post_init__(self) -> None:
-        if self.pretrained is not None and not self.model.startswith("torchvision:"):
+        if not is_known(self.model):
+            raise ConfigError(
+                f"train.model: no model {self.model!r} (known: {', '.join(ARCHITECTURES)}, {TORCHVISION}<name>)"
+            )
+        if self.pretrained is not None and not self.model.startswith(TORCHVISION):
             raise ConfigError("train.pretrained: only torchvision:<name> models load pretrained weights")
         if self.lookahead and not self.ema_decay:
             raise ConfigError("train.lookahead: needs train.ema_decay > 0 (the average it looks ahead to)")
@@ -173,15 +201,37 @@ class ServeConfig:
     """Limits the served model enforces (stored with it by the register stage)."""
 
     max_request_bytes: int = _bounded(ge=1)  # a whole request body
-    max_image_bytes: int = _bounded(ge=1)    # one encoded image file
-    max_image_pixels: int = _bounded(ge=1)   # width x height of one image, read from its header
-    max_images: int = _bounded(ge=1)         # images in one request
-    top_k: int = _bounded(ge=1)              # classes returned per image, most probable first
+    max_image_bytes: int = _bounded(ge=1)  # one encoded image file
+    max_image_pixels: int = _bounded(ge=1)  # width x height of one image, read from its header
+    max_images: int = _bounded(ge=1)  # images in one request
+    top_k: int = _bounded(ge=1)  # classes returned per image, most probable first
 
 
 @dataclass(frozen=True)
 class MlflowConfig:
     experiment_name: str = _bounded(pattern=r"\S.*")
+
+
+@dataclass(frozen=True)
+class Override:
+    """A train key params.yaml gives a value that differs from its preset's."""
+
+    key: str
+    value: Any
+    preset_value: Any
+    preset: str
+
+    def __str__(self) -> str:
+        return f"Overriding: train.{self.key} = {self.value!r} (preset {self.preset}: {self.preset_value!r})"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the train section's values came from: the preset files (the named one first, then its
+    bases) and the keys params.yaml overrides."""
+
+    presets: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -193,60 +243,114 @@ class Params:
     register: RegisterConfig
     serve: ServeConfig
     mlflow: MlflowConfig
+    # Not a params.yaml section: filled in by load_params.
+    provenance: Provenance = field(default_factory=Provenance, compare=False, metadata={"derived": True})
 
 
 def load_params(path: str | Path) -> Params:
-    """Read and validate a params file; raises ConfigError naming the offending key."""
+    """Read and validate a params file, its train preset resolved; raises ConfigError naming the key."""
     path = Path(path)
+    raw = read_yaml(path, "params file")
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such params file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    try:
-        preset = _preset(path.parent, raw)
+        provenance = resolve_preset(path.parent, raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     try:
-        return _build(Params, raw, prefix="")
+        params = _build(Params, raw, prefix="")
     except ConfigError as exc:
-        where = f"{path} with {preset}" if preset else f"{path}"
+        where = f"{path} with {provenance.presets[0]}" if provenance.presets else f"{path}"
         raise ConfigError(f"{where}: {exc}") from None
+    return dataclasses.replace(params, provenance=provenance)
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}") from None
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
 PRESETS_DIR = "presets"
+_PRESET_NAME = r"[A-Za-z0-9_\-]+"
 
 
-def _preset(root: Path, raw: Any) -> str | None:
-    """Apply `train.preset` in place: the keys of presets/<name>.yaml (a mapping of train keys)
-    replace those of the train section. Returns the preset file's path, or None."""
+def resolve_preset(root: Path, raw: Any) -> Provenance:
+    """Fill in, in place, the train keys that params.yaml leaves null from `train.preset`'s chain of
+    presets (presets/<name>.yaml, each building on its `base`). A value given in params.yaml wins over
+    the preset's: each such key that differs from the preset is returned as an Override."""
     train = raw.get("train") if isinstance(raw, dict) else None
-    name = train.get("preset", "none") if isinstance(train, dict) else "none"
-    if name == "none" or not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
-        return None  # none, or a bad value that validation will report
-    file = root / PRESETS_DIR / f"{name}.yaml"
-    try:
-        values = yaml.load(file.read_text(), Loader=_Loader)
-    except FileNotFoundError:
-        available = sorted(p.stem for p in (root / PRESETS_DIR).glob("*.yaml"))
-        raise ConfigError(f"train.preset: no preset {name!r} ({file} does not exist; "
-                          f"available: {', '.join(available) or 'none'})") from None
-    if not isinstance(values, dict) or "preset" in values:
-        raise ConfigError(f"train.preset: {file} must be a mapping of train keys (without 'preset')")
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(TrainConfig)})
-    if unknown:
-        raise ConfigError(f"train.preset: {file}: {unknown[0]}: unknown train key")
-    train.update(values)
-    return str(file)
+    name = train.get("preset") if isinstance(train, dict) else None
+    if not isinstance(name, str) or not re.fullmatch(_PRESET_NAME, name):
+        return Provenance()  # a bad value, or none at all: validation names it
+    chain = _preset_chain(root, name)
+    merged: dict[str, Any] = {}
+    for _, values in reversed(chain):  # the root preset first, then each preset built on it
+        merged.update(values)
+    hints = typing.get_type_hints(TrainConfig)
+    overrides = []
+    for key in [f.name for f in dataclasses.fields(TrainConfig) if f.name not in RUN_KEYS]:
+        if key not in train:
+            continue  # validation reports the missing key
+        if train[key] is not None:
+            if key in merged and train[key] != merged[key]:
+                overrides.append(Override(key, train[key], merged[key], name))
+            continue
+        if key in merged:
+            train[key] = merged[key]
+        elif type(None) not in typing.get_args(hints[key]):
+            files = " -> ".join(file for file, _ in chain)
+            raise ConfigError(f"train.{key}: null (take the preset's value), but no preset sets it ({files})")
+    return Provenance(presets=tuple(file for file, _ in chain), overrides=tuple(overrides))
+
+
+def _preset_chain(root: Path, name: str) -> list[tuple[str, dict[str, Any]]]:
+    """[(file, train keys)] of the preset `name`, then its base, its base's base, ..."""
+    chain: list[tuple[str, dict[str, Any]]] = []
+    recipe_keys = {f.name for f in dataclasses.fields(TrainConfig)} - RUN_KEYS
+    while name is not None:
+        file = root / PRESETS_DIR / f"{name}.yaml"
+        if str(file) in (f for f, _ in chain):
+            raise ConfigError(
+                f"train.preset: {file}: base {name!r} makes a cycle ({' -> '.join(f for f, _ in chain)} -> {file})"
+            )
+        if not file.is_file():
+            available = sorted(p.stem for p in (root / PRESETS_DIR).glob("*.yaml"))
+            what = f"base of {chain[-1][0]}" if chain else "train.preset"
+            raise ConfigError(
+                f"{what}: no preset {name!r} ({file} does not exist; available: {', '.join(available) or 'none'})"
+            )
+        values = read_yaml(file, "preset")
+        if not isinstance(values, dict):
+            raise ConfigError(f"train.preset: {file} must be a mapping of train keys")
+        values = dict(values)
+        base = values.pop("base", None)
+        if base is not None and not (isinstance(base, str) and re.fullmatch(_PRESET_NAME, base)):
+            raise ConfigError(f"train.preset: {file}: base: expected the name of another preset, got {base!r}")
+        for key in sorted(values):
+            if key in RUN_KEYS:
+                raise ConfigError(
+                    f"train.preset: {file}: {key}: set in params.yaml, not in a preset "
+                    "(it says where or how a run executes, not what it trains)"
+                )
+            if key not in recipe_keys:
+                raise ConfigError(f"train.preset: {file}: {key}: unknown train key")
+        chain.append((str(file), values))
+        name = base
+    return chain
 
 
 def as_flat_dict(params: Params) -> dict[str, Any]:
     """`{"train.lr": 0.01, ...}`: the resolved params, as MLflow logs them."""
     flat: dict[str, Any] = {}
-    for section, values in dataclasses.asdict(params).items():
-        for key, value in values.items():
-            flat[f"{section}.{key}"] = value
+    for f in dataclasses.fields(Params):
+        if f.metadata.get("derived"):
+            continue
+        for key, value in dataclasses.asdict(getattr(params, f.name)).items():
+            flat[f"{f.name}.{key}"] = value
     return flat
 
 
@@ -262,12 +366,17 @@ def stage_params(argv: list[str] | None, description: str | None) -> Params:
         raise SystemExit(2) from None
 
 
+def from_mapping(cls: type, raw: Any, prefix: str = "") -> Any:
+    """One config dataclass (ServeConfig, ...) from a mapping, validated as params.yaml's sections are."""
+    return _build(cls, raw, prefix)
+
+
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
         where = prefix.rstrip(".") or "the top level"
         raise ConfigError(f"{where}: expected a mapping of keys, got {_kind(raw)}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("derived")}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known keys: {', '.join(fields)})")
@@ -319,8 +428,12 @@ def _check(key: str, value: Any, hint: Any, limits: typing.Mapping[str, Any]) ->
 
 
 def _check_limits(key: str, value: Any, limits: typing.Mapping[str, Any]) -> None:
-    checks = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
-              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+    checks = [
+        ("ge", ">=", lambda v, b: v >= b),
+        ("gt", ">", lambda v, b: v > b),
+        ("le", "<=", lambda v, b: v <= b),
+        ("lt", "<", lambda v, b: v < b),
+    ]
     for name, symbol, ok in checks:
         bound = limits.get(name)
         if bound is not None and not ok(value, bound):
@@ -331,5 +444,12 @@ def _check_limits(key: str, value: Any, limits: typing.Mapping[str, Any]) -> Non
 
 
 def _kind(value: Any) -> str:
-    return {type(None): "null", bool: "a boolean", int: "an integer", float: "a number",
-            str: "a string", list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+    return {
+        type(None): "null",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), type(value).__name__)

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from imgclf.config import DataConfig, stage_params
-from imgclf.datasets import DataError
-from imgclf.datasets import download as fetch
+from imgclf.data.datasets import download as fetch
+from imgclf.data.types import DataError
 from imgclf.files import staged_dir
 
 

@@ -19,43 +19,53 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import numpy as np
+from matplotlib.figure import Figure
+from sklearn import metrics
+from sklearn.metrics import ConfusionMatrixDisplay
 
 from imgclf.allocator import keep_freed_memory
 from imgclf.config import Params, stage_params
+from imgclf.devices import resolve_device
 from imgclf.files import write_bytes, write_json
-from imgclf.models import load_checkpoint_dir, predict_proba, resolve_device
+from imgclf.models import load_checkpoint_dir, predict_proba
+from imgclf.tracking import resume_pipeline_run
 
 
 @dataclass(frozen=True)
 class Report:
-    metrics: dict[str, float]                # the headline numbers
+    metrics: dict[str, float]  # the headline numbers
     per_class: dict[str, dict[str, float]]  # class name -> {"recall": r, "precision": p}
-    confusion: np.ndarray                     # (classes, classes), rows = actual, columns = predicted
+    confusion: np.ndarray  # (classes, classes), rows = actual, columns = predicted
 
 
 def report(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> Report:
     """Scores from class probabilities (N, classes); top-5 accuracy joins when there are over 10 classes."""
-    from sklearn import metrics
-
     everything = list(range(len(classes)))
     predicted = probs.argmax(1)
     precision, recall, _, _ = metrics.precision_recall_fscore_support(
-        labels, predicted, labels=everything, average=None, zero_division=0)
+        labels, predicted, labels=everything, average=None, zero_division=0
+    )
     headline = {
         "accuracy": metrics.accuracy_score(labels, predicted),
-        "recall_macro": metrics.recall_score(labels, predicted, labels=everything, average="macro",
-                                             zero_division=0),
-        "precision_macro": metrics.precision_score(labels, predicted, labels=everything, average="macro",
-                                                   zero_division=0),
+        "recall_macro": metrics.recall_score(labels, predicted, labels=everything, average="macro", zero_division=0),
+        "precision_macro": metrics.precision_score(
+            labels, predicted, labels=everything, average="macro", zero_division=0
+        ),
         "f1_macro": metrics.f1_score(labels, predicted, labels=everything, average="macro", zero_division=0),
     }
     if len(classes) > 10:
         headline["top5_accuracy"] = metrics.top_k_accuracy_score(labels, probs, k=5, labels=everything)
-    per_class = {name: {"recall": round(float(r), 6), "precision": round(float(p), 6)}
-                 for name, r, p in zip(classes, recall, precision)}
-    return Report({k: round(float(v), 6) for k, v in headline.items()}, per_class,
-                  metrics.confusion_matrix(labels, predicted, labels=everything))
+    per_class = {
+        name: {"recall": round(float(r), 6), "precision": round(float(p), 6)}
+        for name, r, p in zip(classes, recall, precision)
+    }
+    return Report(
+        {k: round(float(v), 6) for k, v in headline.items()},
+        per_class,
+        metrics.confusion_matrix(labels, predicted, labels=everything),
+    )
 
 
 def predictions_csv(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> bytes:
@@ -69,21 +79,14 @@ def predictions_csv(labels: np.ndarray, probs: np.ndarray, classes: list[str]) -
 
 
 def confusion_png(confusion: np.ndarray, classes: list[str]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
     side = max(4.0, 0.5 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(side, side))
-    ConfusionMatrixDisplay(confusion, display_labels=classes).plot(ax=ax, colorbar=False,
-                                                                    xticks_rotation="vertical")
+    fig = Figure(figsize=(side, side))  # a Figure without pyplot draws to files only, with no display
+    ax = fig.subplots()
+    ConfusionMatrixDisplay(confusion, display_labels=classes).plot(ax=ax, colorbar=False, xticks_rotation="vertical")
     ax.set_title("Confusion matrix (test split)")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
     return buffer.getvalue()
 
 
@@ -95,28 +98,30 @@ def _metric_key(name: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     params: Params = stage_params(argv, __doc__)
     prepared = Path(params.prepare.out_dir)
-    model, meta = load_checkpoint_dir(params.train.model_dir)
+    model, card = load_checkpoint_dir(params.train.model_dir)
     images = np.load(prepared / "test_images.npy", mmap_mode="r")
     labels = np.load(prepared / "test_labels.npy")
     device = resolve_device(params.train.device)
     keep_freed_memory()  # as train does: no fresh pages for every batch
     probs = predict_proba(model.to(device), images, params.evaluate.batch_size, device)
-    result = report(labels, probs, meta["classes"])
+    classes = list(card.classes)
+    result = report(labels, probs, classes)
 
     out = Path(params.evaluate.metrics_dir)
     write_json(out / "test.json", result.metrics)
     write_json(out / "per_class.json", result.per_class)
-    write_bytes(out / "predictions.csv", predictions_csv(labels, probs, meta["classes"]))
-    write_bytes(out / "confusion.png", confusion_png(result.confusion, meta["classes"]))
+    write_bytes(out / "predictions.csv", predictions_csv(labels, probs, classes))
+    write_bytes(out / "confusion.png", confusion_png(result.confusion, classes))
 
-    import mlflow
-
-    from imgclf.tracking import resume_pipeline_run
-
-    with resume_pipeline_run(params.mlflow.experiment_name, meta["mlflow_run_id"]):
+    with resume_pipeline_run(params.mlflow.experiment_name, card.mlflow_run_id):
         mlflow.log_metrics({f"test_{k}": v for k, v in result.metrics.items()})
-        mlflow.log_metrics({f"test_{kind}_{_metric_key(name)}": values[kind]
-                            for name, values in result.per_class.items() for kind in ("recall", "precision")})
+        mlflow.log_metrics(
+            {
+                f"test_{kind}_{_metric_key(name)}": values[kind]
+                for name, values in result.per_class.items()
+                for kind in ("recall", "precision")
+            }
+        )
         for name in ("test.json", "per_class.json", "predictions.csv", "confusion.png"):
             mlflow.log_artifact(str(out / name), artifact_path="evaluation")
     print("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))

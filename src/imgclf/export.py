@@ -18,11 +18,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime
 import torch
 from torch import nn
 
+from imgclf.card import ModelCard
 from imgclf.files import write_bytes
 from imgclf.models import Classifier
+from imgclf.serving import load_registered
 
 
 class Probabilities(nn.Module):
@@ -34,23 +38,26 @@ class Probabilities(nn.Module):
         return torch.softmax(self.model(images).float(), dim=1)
 
 
-def export(model: Classifier, meta: dict, out: Path, batch: np.ndarray, tolerance: float = 1e-4) -> float:
+def export(model: Classifier, card: ModelCard, out: Path, batch: np.ndarray, tolerance: float = 1e-4) -> float:
     """Write `out` and return the max abs difference of onnxruntime's probabilities from PyTorch's."""
-    import onnx
-    import onnxruntime
-
     module = Probabilities(model.cpu()).eval()
     example = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).contiguous()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        program = torch.onnx.export(module, (example,), input_names=["images"], output_names=["probabilities"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-                                    dynamo=True, verbose=False)
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=["images"],
+            output_names=["probabilities"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+            dynamo=True,
+            verbose=False,
+        )
         program.save(str(path))
         graph = onnx.load(str(path))
         for key in ("classes", "image_size", "channels", "mean", "std", "tta_flip", "tta_translate"):
             entry = graph.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(meta.get(key))
+            entry.key, entry.value = key, json.dumps(card.to_dict()[key])
         data = graph.SerializeToString()
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"images": example.numpy()})
@@ -70,19 +77,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest accepted difference")
     args = parser.parse_args(argv)
 
-    from imgclf.serving import load_registered
-
     python_model = load_registered(args.model_uri)
-    meta = python_model.meta
+    card = python_model.card
     rng = np.random.default_rng(0)
-    batch = rng.integers(0, 256, (8, meta["image_size"], meta["image_size"], meta["channels"]), dtype=np.uint8)
+    batch = rng.integers(0, 256, (8, card.image_size, card.image_size, card.channels), dtype=np.uint8)
     try:
-        difference = export(python_model.model, meta, args.out, batch, args.tolerance)
+        difference = export(python_model.model, card, args.out, batch, args.tolerance)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(f"export: {args.model_uri} -> {args.out}; onnxruntime vs PyTorch, max abs difference of the "
-          f"probabilities on 8 images: {difference:.2e}")
+    print(
+        f"export: {args.model_uri} -> {args.out}; onnxruntime vs PyTorch, max abs difference of the "
+        f"probabilities on 8 images: {difference:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,10 @@ class ImageError(ValueError):
     """Bytes that are not a readable image."""
 
 
+class ImageTooLarge(ImageError):
+    """An image over the pixel limit (from its header, before decoding)."""
+
+
 def to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
     """Any Pillow image -> uint8 array (size, size, channels), converted and resized."""
     image = image.convert("L" if channels == 1 else "RGB")
@@ -38,14 +42,13 @@ def decode(data: bytes, size: int, channels: int, max_pixels: int | None = None)
         with image:
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
-                raise ImageError(f"{width}x{height} is {width * height:,} pixels, over the limit of "
-                                 f"{max_pixels:,}")
+                raise ImageTooLarge(f"{width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,}")
             image.load()
             return to_array(image, size, channels)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:  # Pillow's own backstop, checked when it opens the file
-        raise ImageError(f"too many pixels, over the limit: {exc}") from None
+        raise ImageTooLarge(f"too many pixels, over the limit: {exc}") from None
     except UnidentifiedImageError:
         raise ImageError(f"not an image file Pillow can read ({len(data)} bytes)") from None
     except (OSError, ValueError, SyntaxError) as exc:

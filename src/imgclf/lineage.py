@@ -17,12 +17,15 @@ import re
 import sys
 from typing import Any
 
+import mlflow
+from mlflow.exceptions import MlflowException
+
+from imgclf.tracking import StoreUnavailable, use_store
+
 PARAM_SECTIONS = ("data.", "prepare.", "train.")
 
 
 def lineage(model_uri: str) -> dict[str, Any]:
-    import mlflow
-
     match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", model_uri)
     if not match:
         raise ValueError(f"{model_uri!r} is not a models:/<name>@<alias> or models:/<name>/<version> URI")
@@ -33,15 +36,27 @@ def lineage(model_uri: str) -> dict[str, Any]:
     tags, params = run.data.tags, run.data.params
     experiment = client.get_experiment(run.info.experiment_id)
     return {
-        "model": {"name": name, "version": str(version.version), "aliases": list(version.aliases),
-                  "source": version.source},
-        "run": {"id": run.info.run_id, "name": run.info.run_name, "experiment": experiment.name,
-                "status": run.info.status},
+        "model": {
+            "name": name,
+            "version": str(version.version),
+            "aliases": list(version.aliases),
+            "source": version.source,
+        },
+        "run": {
+            "id": run.info.run_id,
+            "name": run.info.run_name,
+            "experiment": experiment.name,
+            "status": run.info.status,
+        },
         "code": {"git_commit": tags.get("mlflow.source.git.commit"), "git_dirty": tags.get("git_dirty")},
         "dvc_experiment": tags.get("dvc_exp_name"),
-        "data": {"inputs": [{"name": i.dataset.name, "digest": i.dataset.digest, "source": i.dataset.source}
-                            for i in run.inputs.dataset_inputs],
-                 **{key: value for key, value in sorted(tags.items()) if key.startswith("dvc.")}},
+        "data": {
+            "inputs": [
+                {"name": i.dataset.name, "digest": i.dataset.digest, "source": i.dataset.source}
+                for i in run.inputs.dataset_inputs
+            ],
+            **{key: value for key, value in sorted(tags.items()) if key.startswith("dvc.")},
+        },
         "params": {k: v for k, v in sorted(params.items()) if k.startswith(PARAM_SECTIONS)},
         "metrics": dict(sorted(run.data.metrics.items())),
     }
@@ -62,8 +77,14 @@ def render(info: dict[str, Any]) -> str:
         if key != "inputs":
             lines.append(f"           {key} = {value}")
     lines.append("params     " + ", ".join(f"{k}={v}" for k, v in info["params"].items()))
-    lines.append("metrics    " + ", ".join(f"{k}={v:.4g}" for k, v in info["metrics"].items()
-                                           if k.startswith(("test_accuracy", "val_accuracy", "test_f1"))))
+    lines.append(
+        "metrics    "
+        + ", ".join(
+            f"{k}={v:.4g}"
+            for k, v in info["metrics"].items()
+            if k.startswith(("test_accuracy", "val_accuracy", "test_f1"))
+        )
+    )
     return "\n".join(lines)
 
 
@@ -72,10 +93,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model_uri", help='e.g. "models:/digits-lenet@champion"')
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
-    from mlflow.exceptions import MlflowException
-
-    from imgclf.tracking import StoreUnavailable, use_store
-
     try:
         use_store()
         info = lineage(args.model_uri)

@@ -1,25 +1,33 @@
 """The networks, the normalising wrapper every model is trained and served in, and checkpoints.
 
 A checkpoint is two files: `model.safetensors` (tensors only, loaded without unpickling anything) and
-`model.json` (architecture, class names, input size, channels, normalisation): everything serving
-needs to rebuild the model and apply the same preprocessing as evaluation.
+`model.json`, the model card (imgclf.card: architecture, class names, input size, channels,
+normalisation, the train config): everything serving needs to rebuild the model and apply the same
+preprocessing as evaluation.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save
 from torch import nn
 from torch.nn import functional as F
+from torchvision.models import get_model, resnet18
 
-from imgclf.files import write_bytes, write_json
+from imgclf.architectures import ARCHITECTURES, TORCHVISION
+from imgclf.card import ModelCard
+from imgclf.files import write_bytes
 
 WEIGHTS_FILE = "model.safetensors"
-META_FILE = "model.json"
+CARD_FILE = "model.json"
+
+
+class ModelError(ValueError):
+    """A model that cannot be built as asked: the message names the setting to change."""
 
 
 class LeNet(nn.Module):
@@ -30,8 +38,10 @@ class LeNet(nn.Module):
         super().__init__()
         side = ((image_size - 4) // 2 - 4) // 2  # two valid 5x5 convolutions, each then pooled by 2
         if side < 1:
-            raise ValueError(f"lenet needs images of at least 16x16 pixels, got {image_size}x{image_size}: "
-                             "set data.image_size to 16 or more")
+            raise ModelError(
+                f"lenet needs images of at least 16x16 pixels, got {image_size}x{image_size}: "
+                "set data.image_size to 16 or more"
+            )
         self.conv1 = nn.Conv2d(in_channels, 6, 5)
         self.pool = nn.MaxPool2d(2, 2)
         self.conv2 = nn.Conv2d(6, 16, 5)
@@ -52,6 +62,16 @@ class LeNet(nn.Module):
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return self.fc3(x)
+
+
+class TutorialLeNet(LeNet):
+    """LeNet exactly as the tutorial writes it: ReLU, then max-pool (ours pools first: the same function
+    with less work). The reference loop of bench/training.py trains it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        return self.classify(x)
 
 
 class LeNetBN(LeNet):
@@ -91,7 +111,7 @@ def _identity_conv(cin: int, cout: int) -> nn.Conv2d:
     airbench's high learning rates."""
     conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
     with torch.no_grad():
-        nn.init.dirac_(conv.weight[:min(cin, cout)])
+        nn.init.dirac_(conv.weight[: min(cin, cout)])
     return conv
 
 
@@ -108,16 +128,23 @@ class FastNet(nn.Module):
     a frozen 2x2 patch-whitening convolution set from the training data, three ConvGroups and a
     global max-pool into a linear head, whose output is scaled down by `head_scale`."""
 
-    def __init__(self, in_channels: int, image_size: int, num_classes: int,
-                 widths: tuple[int, int, int] = (64, 256, 256), head_scale: float = 1 / 9) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        num_classes: int,
+        widths: tuple[int, int, int] = (64, 256, 256),
+        head_scale: float = 1 / 9,
+    ) -> None:
         super().__init__()
         if image_size < 16:
-            raise ValueError(f"fastnet needs images of at least 16x16 pixels, got {image_size}x{image_size}")
+            raise ModelError(f"fastnet needs images of at least 16x16 pixels, got {image_size}x{image_size}")
         patch = in_channels * 4
         self.whiten = nn.Conv2d(in_channels, 2 * patch, 2, bias=True)  # 2x2 patches, both signs
         self.whiten.weight.requires_grad_(False)
-        self.layers = nn.Sequential(ConvGroup(2 * patch, widths[0]), ConvGroup(widths[0], widths[1]),
-                                    ConvGroup(widths[1], widths[2]))
+        self.layers = nn.Sequential(
+            ConvGroup(2 * patch, widths[0]), ConvGroup(widths[0], widths[1]), ConvGroup(widths[1], widths[2])
+        )
         self.head = nn.Linear(widths[2], num_classes, bias=False)
         self.head_scale = head_scale
 
@@ -129,7 +156,7 @@ class FastNet(nn.Module):
         patches = F.unfold(images.float(), kernel_size=2).transpose(1, 2).reshape(-1, c * 4).double()
         patches = patches - patches.mean(0)
         eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
-        filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps).view(-1, 1))
+        filters = eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps).view(-1, 1)
         filters = filters.view(c * 4, c, 2, 2).float()  # unfold orders (channel, row, col)
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
 
@@ -141,25 +168,19 @@ class FastNet(nn.Module):
         return self.head(x.flatten(2).max(dim=2).values) * self.head_scale
 
 
+def fastnet_s(in_channels: int, image_size: int, num_classes: int) -> FastNet:
+    """FastNet at half width."""
+    return FastNet(in_channels, image_size, num_classes, widths=(32, 128, 128))
+
+
 def cifar_resnet18(in_channels: int, image_size: int, num_classes: int) -> nn.Module:
     """torchvision's ResNet-18 adapted to 32x32 inputs: a 3x3 stride-1 stem and no stem max-pool."""
-    from torchvision.models import resnet18
-
     net = resnet18(num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
     return net
 
 
-# name -> constructor(in_channels, image_size, num_classes); `torchvision:<name>` is also accepted.
-MODELS: dict[str, Callable[[int, int, int], nn.Module]] = {
-    "lenet": LeNet,
-    "lenet-bn": LeNetBN,
-    "fastnet": FastNet,
-    "fastnet-s": lambda c, s, n: FastNet(c, s, n, widths=(32, 128, 128)),
-    "resnet18": cifar_resnet18,
-}
-TORCHVISION = "torchvision:"
 # The normalisation torchvision's ImageNet weights were trained with.
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
@@ -167,14 +188,18 @@ IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 def torchvision_net(name: str, in_channels: int, num_classes: int, pretrained: str | None) -> nn.Module:
     """A torchvision classifier; with `pretrained`, its weights come from that local file (never from
     the network) and its last linear layer is replaced by a fresh one for `num_classes`."""
-    from torchvision.models import get_model
-
     if in_channels != 3:
-        raise ValueError(f"{TORCHVISION}{name} takes RGB images: set data.channels to 3")
+        raise ModelError(f"{TORCHVISION}{name} takes RGB images: set data.channels to 3")
+    try:
+        net = get_model(name, weights=None, **({} if pretrained else {"num_classes": num_classes}))
+    except ValueError as exc:  # torchvision's "Unknown model ..."
+        raise ModelError(f"train.model: {TORCHVISION}{name}: {exc}") from None
     if pretrained is None:
-        return get_model(name, weights=None, num_classes=num_classes)
-    net = get_model(name, weights=None)
-    net.load_state_dict(load_weights(pretrained))
+        return net
+    try:
+        net.load_state_dict(load_weights(pretrained))
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors, which torch lists
+        raise ModelError(f"train.pretrained: {pretrained} does not fit {TORCHVISION}{name}: {exc}") from None
     parent, attr, last = _last_linear(net)
     setattr(parent, attr, nn.Linear(last.in_features, num_classes))
     return net
@@ -184,15 +209,15 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors or a torch.save file, loaded without unpickling objects."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"train.pretrained: no such file: {path} (weights are never downloaded at run "
-                         "time: save a state dict there, e.g. torch.save(model.state_dict(), path))")
+        raise ModelError(
+            f"train.pretrained: no such file: {path} (weights are never downloaded at run "
+            "time: save a state dict there, e.g. torch.save(model.state_dict(), path))"
+        )
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
-        raise ValueError(f"train.pretrained: {path} does not hold a state dict")
+        raise ModelError(f"train.pretrained: {path} does not hold a state dict")
     return state
 
 
@@ -203,7 +228,7 @@ def _last_linear(net: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
         if isinstance(module, nn.Linear):
             found = name, module
     if found is None:
-        raise ValueError("the model has no linear classification head to replace")
+        raise ModelError("the model has no linear classification head to replace")
     name, layer = found
     parent_name, _, attr = name.rpartition(".")
     return net.get_submodule(parent_name) if parent_name else net, attr, layer
@@ -218,8 +243,15 @@ class Classifier(nn.Module):
     """uint8 images (N, C, H, W) in 0..255 -> logits: the normalisation travels inside the model, so
     training, evaluation and serving cannot disagree about it."""
 
-    def __init__(self, net: nn.Module, mean: list[float], std: list[float], num_classes: int,
-                 tta_flip: bool = False, tta_translate: int = 0) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        mean: list[float],
+        std: list[float],
+        num_classes: int,
+        tta_flip: bool = False,
+        tta_translate: int = 0,
+    ) -> None:
         super().__init__()
         self.net = net
         self.num_classes = num_classes
@@ -253,7 +285,7 @@ class Classifier(nn.Module):
             p = self.tta_translate
             h, w = x.shape[2:]
             padded = F.pad(x, (p, p, p, p), mode="reflect")
-            shifted = self._views(padded[:, :, :h, :w]) + self._views(padded[:, :, 2 * p:, 2 * p:])
+            shifted = self._views(padded[:, :, :h, :w]) + self._views(padded[:, :, 2 * p :, 2 * p :])
             logits = 0.5 * logits + 0.25 * shifted
         return logits
 
@@ -261,39 +293,40 @@ class Classifier(nn.Module):
         return 0.5 * (self.net(x) + self.net(x.flip(3))) if self.tta_flip else self.net(x)
 
 
-def build(meta: dict[str, Any], pretrained: str | None = None) -> Classifier:
-    """A classifier from checkpoint metadata: fresh weights, or a torchvision model's from `pretrained`."""
-    name, classes = meta["model"], len(meta["classes"])
-    if name.startswith(TORCHVISION):
-        net = torchvision_net(name[len(TORCHVISION):], meta["channels"], classes, pretrained)
-    elif name in MODELS:
-        net = MODELS[name](meta["channels"], meta["image_size"], classes)
+def constructor(name: str) -> Callable[[int, int, int], nn.Module]:
+    """The constructor of one of our architectures: (in_channels, image_size, num_classes) -> net."""
+    if name not in ARCHITECTURES:
+        raise ModelError(f"unknown model {name!r} (known: {', '.join(ARCHITECTURES)}, {TORCHVISION}<name>)")
+    return globals()[ARCHITECTURES[name]]
+
+
+def build(card: ModelCard, pretrained: str | None = None) -> Classifier:
+    """A classifier from its card: fresh weights, or a torchvision model's from `pretrained`."""
+    if card.model.startswith(TORCHVISION):
+        net = torchvision_net(card.model[len(TORCHVISION) :], card.channels, card.num_classes, pretrained)
     else:
-        raise ValueError(f"unknown model {name!r} (known: {', '.join(MODELS)}, {TORCHVISION}<name>)")
-    return Classifier(net, meta["mean"], meta["std"], classes, tta_flip=meta.get("tta_flip", False),
-                      tta_translate=meta.get("tta_translate", 0))
+        net = constructor(card.model)(card.channels, card.image_size, card.num_classes)
+    return Classifier(
+        net, list(card.mean), list(card.std), card.num_classes, tta_flip=card.tta_flip, tta_translate=card.tta_translate
+    )
 
 
-def save_checkpoint(model: Classifier, meta: dict[str, Any], out_dir: str | Path) -> None:
-    from safetensors.torch import save
-
+def save_checkpoint(model: Classifier, card: ModelCard, out_dir: str | Path) -> None:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_bytes(Path(out_dir) / WEIGHTS_FILE, save(state))
-    write_json(Path(out_dir) / META_FILE, meta)
+    write_bytes(Path(out_dir) / CARD_FILE, card.to_json().encode())
 
 
-def load_checkpoint(weights: str | Path, meta_path: str | Path) -> tuple[Classifier, dict[str, Any]]:
+def load_checkpoint(weights: str | Path, card_path: str | Path) -> tuple[Classifier, ModelCard]:
     """Rebuild a classifier from its two checkpoint files (no pickle involved), in eval mode."""
-    from safetensors.torch import load_file
-
-    meta = json.loads(Path(meta_path).read_text())
-    model = build(meta)
+    card = ModelCard.read(card_path)
+    model = build(card)
     model.load_state_dict(load_file(str(weights)))
-    return model.eval(), meta
+    return model.eval(), card
 
 
-def load_checkpoint_dir(model_dir: str | Path) -> tuple[Classifier, dict[str, Any]]:
-    return load_checkpoint(Path(model_dir) / WEIGHTS_FILE, Path(model_dir) / META_FILE)
+def load_checkpoint_dir(model_dir: str | Path) -> tuple[Classifier, ModelCard]:
+    return load_checkpoint(Path(model_dir) / WEIGHTS_FILE, Path(model_dir) / CARD_FILE)
 
 
 class GlobalAvgPool(nn.Module):
@@ -313,13 +346,6 @@ def make_deterministic(model: nn.Module) -> nn.Module:
     return model
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when available, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def to_nchw(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 (N, H, W, C) numpy -> uint8 (N, C, H, W) tensor on `device`."""
     # np.array copies: the arrays are often read-only memory maps, which torch cannot wrap.
@@ -327,13 +353,14 @@ def to_nchw(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def predict_proba(model: Classifier, images: np.ndarray, batch_size: int = 512,
-                  device: torch.device | None = None) -> np.ndarray:
+def predict_proba(
+    model: Classifier, images: np.ndarray, batch_size: int = 512, device: torch.device | None = None
+) -> np.ndarray:
     """uint8 (N, H, W, C) -> float32 class probabilities (N, classes)."""
     device = device or next(model.parameters()).device
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        batch = to_nchw(images[start:start + batch_size], device)
+        batch = to_nchw(images[start : start + batch_size], device)
         out.append(torch.softmax(model(batch).float(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)

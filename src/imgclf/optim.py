@@ -16,14 +16,20 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     much so that their decay per step stays the same (airbench's "bias_scaler", K. Jordan 2024).
     Every parameter is included, frozen ones too: they have no gradient while frozen (the optimizer
     skips them) and learn once unfrozen."""
-    norm_biases = {id(m.bias) for m in model.modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
+    norm_biases = {
+        id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None
+    }
     if cfg.norm_bias_lr_scale == 1.0 or not norm_biases:
         return [{"params": list(model.parameters())}]
     scale = cfg.norm_bias_lr_scale
-    return [{"params": [p for p in model.parameters() if id(p) not in norm_biases]},
-            {"params": [p for p in model.parameters() if id(p) in norm_biases], "lr": cfg.lr * scale,
-             "weight_decay": cfg.weight_decay / scale}]
+    return [
+        {"params": [p for p in model.parameters() if id(p) not in norm_biases]},
+        {
+            "params": [p for p in model.parameters() if id(p) in norm_biases],
+            "lr": cfg.lr * scale,
+            "weight_decay": cfg.weight_decay / scale,
+        },
+    ]
 
 
 class Muon(torch.optim.Optimizer):
@@ -37,10 +43,20 @@ class Muon(torch.optim.Optimizer):
     step's relative size fixed, in place of weight decay (airbench94_muon). Groups with `orthogonalise`
     false take fused SGD steps. PyTorch's torch.optim.Muon takes 2-D parameters only."""
 
-    def __init__(self, params, lr: float, momentum: float, nesterov: bool, weight_decay: float,
-                 ns_steps: int = 3) -> None:
-        super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov,
-                                  "weight_decay": weight_decay, "orthogonalise": False, "ns_steps": ns_steps})
+    def __init__(
+        self, params, lr: float, momentum: float, nesterov: bool, weight_decay: float, ns_steps: int = 3
+    ) -> None:
+        super().__init__(
+            params,
+            {
+                "lr": lr,
+                "momentum": momentum,
+                "nesterov": nesterov,
+                "weight_decay": weight_decay,
+                "orthogonalise": False,
+                "ns_steps": ns_steps,
+            },
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -54,9 +70,18 @@ class Muon(torch.optim.Optimizer):
                 continue
             if not group["orthogonalise"]:
                 buffers = [self.state[p].get("momentum_buffer") for p in params]
-                sgd(params, [p.grad for p in params], buffers, fused=True,
-                    weight_decay=group["weight_decay"], momentum=group["momentum"],
-                    lr=group["lr"], dampening=0.0, nesterov=group["nesterov"], maximize=False)
+                sgd(
+                    params,
+                    [p.grad for p in params],
+                    buffers,
+                    fused=True,
+                    weight_decay=group["weight_decay"],
+                    momentum=group["momentum"],
+                    lr=group["lr"],
+                    dampening=0.0,
+                    nesterov=group["nesterov"],
+                    maximize=False,
+                )
                 for p, buffer in zip(params, buffers):
                     self.state[p]["momentum_buffer"] = buffer
                 continue
@@ -90,22 +115,36 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "muon":
         filters = [p for p in model.parameters() if p.ndim == 4]
         groups = [{**g, "params": [p for p in g["params"] if p.ndim != 4]} for g in params]
-        groups.append({"params": filters, "orthogonalise": True, "lr": cfg.muon_lr, "momentum": cfg.muon_momentum,
-                       "weight_decay": 0.0})
-        return Muon([g for g in groups if g["params"]], lr=cfg.lr, momentum=cfg.momentum,
-                    nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        groups.append(
+            {
+                "params": filters,
+                "orthogonalise": True,
+                "lr": cfg.muon_lr,
+                "momentum": cfg.muon_momentum,
+                "weight_decay": 0.0,
+            }
+        )
+        return Muon(
+            [g for g in groups if g["params"]],
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov,
+            weight_decay=cfg.weight_decay,
+        )
     # One fused kernel for all parameters instead of PyTorch's CPU default, a loop over them: an Adam
     # step over lenet-bn's 14 tensors takes a quarter of the time (a few percent of a training step).
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, fused=True)
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay, fused=True
+        )
     if cfg.optimizer == "adam":  # Adam's momentum is its betas; train.momentum does not apply
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "rmsprop":  # no fused RMSprop: one multi-tensor call per operation instead
-        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                                   foreach=True)
+        return torch.optim.RMSprop(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True
+        )
     raise ValueError(f"train.optimizer: unknown optimizer {cfg.optimizer!r}")
 
 
@@ -128,8 +167,10 @@ def lr_factor(step: int, total: int, schedule: str, warmup_fraction: float, fina
     raise ValueError(f"train.schedule: unknown schedule {schedule!r}")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
-                   ) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Stepped once per optimizer step."""
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, cfg.schedule, cfg.warmup_fraction, cfg.final_lr_fraction))
+        optimizer, lambda step: lr_factor(step, total_steps, cfg.schedule, cfg.warmup_fraction, cfg.final_lr_fraction)
+    )

@@ -20,14 +20,17 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+from tqdm import tqdm
 
+from imgclf.data.archives import Archive, hidden
+from imgclf.data.types import archive_suffix
 from imgclf.files import write_bytes
+from imgclf.models import predict_proba
+from imgclf.serving import RequestError, load_registered, predictions
 
 
 def iter_files(source: Path) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of every file in a folder (sorted) or archive, hidden files left out."""
-    from imgclf.imagefolder import Archive, archive_suffix, hidden
-
     if source.is_dir():
         for path in sorted(p for p in source.rglob("*") if p.is_file()):
             relative = path.relative_to(source).as_posix()
@@ -54,8 +57,6 @@ def batches(items: Iterator, size: int) -> Iterator[list]:
 
 def classify(model, source: Path, top_k: int, batch_size: int, workers: int = 4) -> Iterator[list[str]]:
     """CSV rows for every file of `source`, using the served model's decoding and limits."""
-    from imgclf.models import predict_proba
-    from imgclf.serving import RequestError, predictions
 
     def decode(item: tuple[str, bytes]):
         name, data = item
@@ -69,7 +70,7 @@ def classify(model, source: Path, top_k: int, batch_size: int, workers: int = 4)
             decoded = list(pool.map(decode, batch))
             good = [array for _, array, _ in decoded if array is not None]
             probs = predict_proba(model.model, np.stack(good)) if good else np.zeros((0, 0))
-            results = iter(predictions(probs, model.meta["classes"], top_k)) if good else iter(())
+            results = iter(predictions(probs, model.card.classes, top_k)) if good else iter(())
             for name, array, error in decoded:
                 if array is None:
                     yield [name, "", "", "", error]
@@ -89,10 +90,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1:
         parser.error("--top-k and --batch-size must be at least 1")
-
-    from tqdm import tqdm
-
-    from imgclf.serving import load_registered
 
     model = load_registered(args.model_uri)
     buffer = io.StringIO()

@@ -22,35 +22,42 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.format import open_memmap
 from PIL import Image
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
 
 from imgclf.config import Params, stage_params
-from imgclf.datasets import DataError, RawData, read_arrays
+from imgclf.cpus import available_cpus
+from imgclf.data import imagefolder
+from imgclf.data.archives import Archive
+from imgclf.data.datasets import read_arrays
+from imgclf.data.types import DataError, RawData
 from imgclf.files import staged_dir, write_json
 from imgclf.images import to_array
 
 SPLITS = ("train", "val", "test")
 
 
-def carve(labels: np.ndarray, fraction: float, seed: int, classes: list[str], what: str
-          ) -> tuple[np.ndarray, np.ndarray]:
+def carve(
+    labels: np.ndarray, fraction: float, seed: int, classes: list[str], what: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified split of positions 0..N-1 into (kept, carved out), both sorted."""
-    from sklearn.model_selection import train_test_split
-
     counts = np.bincount(labels, minlength=len(classes))
     if (counts == 1).any():
         name = classes[int(np.flatnonzero(counts == 1)[0])]
         raise DataError(f"cannot carve a stratified {what} split: class {name!r} has only 1 training image")
     try:
-        kept, held = train_test_split(np.arange(len(labels)), test_size=fraction, stratify=labels,
-                                      random_state=seed)
+        kept, held = train_test_split(np.arange(len(labels)), test_size=fraction, stratify=labels, random_state=seed)
     except ValueError as exc:
-        raise DataError(f"cannot carve a stratified {what} split of {fraction:g} from {len(labels)} "
-                        f"images in {len(classes)} classes: {exc}") from None
+        raise DataError(
+            f"cannot carve a stratified {what} split of {fraction:g} from {len(labels)} "
+            f"images in {len(classes)} classes: {exc}"
+        ) from None
     return np.sort(kept), np.sort(held)
 
 
-def assign(labels: np.ndarray, has_test: bool, has_val: bool, params: Params, classes: list[str]
-           ) -> dict[str, np.ndarray]:
+def assign(
+    labels: np.ndarray, has_test: bool, has_val: bool, params: Params, classes: list[str]
+) -> dict[str, np.ndarray]:
     """Positions of the training pool that go to train, and to val / test when those are carved."""
     cfg = params.prepare
     pool = np.arange(len(labels))
@@ -81,7 +88,7 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], l
     channels = images.shape[-1]
     histogram = np.zeros((channels, 256), dtype=np.int64)
     for start in range(0, len(images), chunk):
-        block = np.asarray(images[start:start + chunk]).reshape(-1, channels)
+        block = np.asarray(images[start : start + chunk]).reshape(-1, channels)
         for c in range(channels):
             histogram[c] += np.bincount(block[:, c], minlength=256)
     values = np.arange(256) / 255.0
@@ -93,8 +100,7 @@ def channel_stats(images: np.ndarray, chunk: int = 4096) -> tuple[list[float], l
 
 
 def new_images(out: Path, split: str, count: int, size: int, channels: int) -> np.ndarray:
-    return open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8,
-                       shape=(count, size, size, channels))
+    return open_memmap(out / f"{split}_images.npy", mode="w+", dtype=np.uint8, shape=(count, size, size, channels))
 
 
 def prepare_arrays(raw: RawData, params: Params, out: Path) -> dict:
@@ -111,7 +117,7 @@ def prepare_arrays(raw: RawData, params: Params, out: Path) -> dict:
     for split, (source, source_labels, index) in sources.items():
         target = new_images(out, split, len(index), size, channels)
         for start in range(0, len(index), 4096):
-            target[start:start + 4096] = resize(source[index[start:start + 4096]], size, channels)
+            target[start : start + 4096] = resize(source[index[start : start + 4096]], size, channels)
         target.flush()
         split_labels[split] = source_labels[index].astype(np.int64)
     return finish(out, params, raw.classes, split_labels, size, channels, skipped=[], ignored=[])
@@ -119,15 +125,15 @@ def prepare_arrays(raw: RawData, params: Params, out: Path) -> dict:
 
 def prepare_imagefolder(archive_path: Path, params: Params, out: Path) -> dict:
     """Image folders: list the archive, assign every file a row, decode each file once in parallel."""
-    from imgclf import imagefolder
-
     cfg = params.data
-    archive = imagefolder.Archive(archive_path)
+    archive = Archive(archive_path)
     listing = imagefolder.list_entries(*archive.listing())
     classes = listing.classes
     if len(classes) < 2:
-        raise DataError(f"{archive_path}: found {len(classes)} class folder(s) with images under train/ "
-                        f"({', '.join(classes) or 'none'}); a classifier needs at least 2")
+        raise DataError(
+            f"{archive_path}: found {len(classes)} class folder(s) with images under train/ "
+            f"({', '.join(classes) or 'none'}); a classifier needs at least 2"
+        )
     index = {name: i for i, name in enumerate(classes)}
     by_split = {split: [e for e in listing.entries if e.split == split] for split in SPLITS}
     train_labels = np.array([index[e.label] for e in by_split["train"]], dtype=np.int64)
@@ -140,17 +146,18 @@ def prepare_imagefolder(archive_path: Path, params: Params, out: Path) -> dict:
         arrays[split] = new_images(out, split, len(by_split[split]), size, channels)
         plan.update({e.name: (split, row) for row, e in enumerate(by_split[split])})
 
-    from tqdm import tqdm
-
-    workers = params.prepare.workers or imagefolder.default_workers()
+    workers = params.prepare.workers or available_cpus()
     with tqdm(total=len(plan), desc="decode", unit="img", disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
-        failed = imagefolder.decode_into(archive, plan, arrays, size, channels, cfg.max_pixels, workers,
-                                         on_progress=bar.update)
+        failed = imagefolder.decode_into(
+            archive, plan, arrays, size, channels, cfg.max_pixels, workers, on_progress=bar.update
+        )
     problems = sorted(listing.problems + failed)
     if problems and cfg.on_bad_image == "fail":
         lines = "\n".join(f"  {name}: {why}" for name, why in problems)
-        raise DataError(f"{len(problems)} bad file(s) or folder(s) in {archive_path} (set data.on_bad_image: "
-                        f"skip to leave them out):\n{lines}")
+        raise DataError(
+            f"{len(problems)} bad file(s) or folder(s) in {archive_path} (set data.on_bad_image: "
+            f"skip to leave them out):\n{lines}"
+        )
     bad = {name for name, _ in failed}
     split_labels = {}
     for split in SPLITS:
@@ -159,8 +166,7 @@ def prepare_imagefolder(archive_path: Path, params: Params, out: Path) -> dict:
             arrays[split] = compact(out, split, arrays[split], keep)
         arrays[split].flush()
         split_labels[split] = np.array([index[e.label] for e, k in zip(by_split[split], keep) if k], np.int64)
-    return finish(out, params, classes, split_labels, size, channels, skipped=problems,
-                  ignored=listing.ignored)
+    return finish(out, params, classes, split_labels, size, channels, skipped=problems, ignored=listing.ignored)
 
 
 def compact(out: Path, split: str, images: np.ndarray, keep: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -169,15 +175,23 @@ def compact(out: Path, split: str, images: np.ndarray, keep: np.ndarray, chunk: 
     tmp = out / f"{split}_images.compact.npy"
     target = open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(rows), *images.shape[1:]))
     for start in range(0, len(rows), chunk):
-        target[start:start + chunk] = images[rows[start:start + chunk]]
+        target[start : start + chunk] = images[rows[start : start + chunk]]
     target.flush()
     del images, target
     tmp.replace(out / f"{split}_images.npy")
     return np.load(out / f"{split}_images.npy", mmap_mode="r")
 
 
-def finish(out: Path, params: Params, classes: list[str], labels: dict[str, np.ndarray], size: int,
-           channels: int, skipped: list, ignored: list) -> dict:
+def finish(
+    out: Path,
+    params: Params,
+    classes: list[str],
+    labels: dict[str, np.ndarray],
+    size: int,
+    channels: int,
+    skipped: list,
+    ignored: list,
+) -> dict:
     """Write labels, meta.json (with the training split's statistics) and report.json."""
     counts = {}
     for split in SPLITS:
@@ -185,14 +199,25 @@ def finish(out: Path, params: Params, classes: list[str], labels: dict[str, np.n
         per_class = np.bincount(labels[split], minlength=len(classes))
         counts[split] = {name: int(n) for name, n in zip(classes, per_class)}
     mean, std = channel_stats(np.load(out / "train_images.npy", mmap_mode="r"))
-    meta = {"dataset": params.data.dataset, "classes": classes, "image_size": size, "channels": channels,
-            "mean": mean, "std": std, "counts": counts}
+    meta = {
+        "dataset": params.data.dataset,
+        "classes": classes,
+        "image_size": size,
+        "channels": channels,
+        "mean": mean,
+        "std": std,
+        "counts": counts,
+    }
     imbalance = {split: round(max(c.values()) / max(min(c.values()), 1), 3) for split, c in counts.items()}
-    report = {"dataset": params.data.dataset, "classes": len(classes),
-              "images": {split: sum(c.values()) for split, c in counts.items()},
-              "imbalance_max_over_min": imbalance, "counts": counts,
-              "skipped": [{"file": name, "reason": why} for name, why in skipped],
-              "ignored": [{"file": name, "reason": why} for name, why in ignored]}
+    report = {
+        "dataset": params.data.dataset,
+        "classes": len(classes),
+        "images": {split: sum(c.values()) for split, c in counts.items()},
+        "imbalance_max_over_min": imbalance,
+        "counts": counts,
+        "skipped": [{"file": name, "reason": why} for name, why in skipped],
+        "ignored": [{"file": name, "reason": why} for name, why in ignored],
+    }
     write_json(out / "meta.json", meta)
     write_json(out / "report.json", report)
     return meta
@@ -204,9 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with staged_dir(params.prepare.out_dir) as staging:
             if params.data.dataset == "imagefolder":
-                from imgclf.imagefolder import find_archive
-
-                meta = prepare_imagefolder(find_archive(raw_dir), params, staging)
+                meta = prepare_imagefolder(imagefolder.find_archive(raw_dir), params, staging)
             else:
                 meta = prepare_arrays(read_arrays(params.data, raw_dir), params, staging)
     except DataError as exc:

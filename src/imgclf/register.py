@@ -15,15 +15,22 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
+import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
 
+from imgclf.card import ModelCard
 from imgclf.config import Params, stage_params
 from imgclf.files import write_json
 from imgclf.images import encode_png
-from imgclf.models import META_FILE, WEIGHTS_FILE
+from imgclf.models import CARD_FILE, WEIGHTS_FILE
+from imgclf.serving import LIMITS_ARTIFACT
+from imgclf.tracking import log_dvc_hashes, resume_pipeline_run
 
 ALIAS = "champion"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -48,15 +55,11 @@ def is_better(candidate: float, champion: float | None) -> bool:
 
 def pip_requirements() -> list[str]:
     """What the served model imports, pinned to the versions it was logged with."""
-    from importlib.metadata import version
-
     return [f"{name}=={version(name)}" for name in ("mlflow", "torch", "numpy", "pillow", "safetensors")]
 
 
 def champion_accuracy(client, name: str) -> tuple[str | None, float | None]:
     """(version, validation accuracy) of the current champion, or (None, None)."""
-    from mlflow.exceptions import MlflowException
-
     try:
         current = client.get_model_version_by_alias(name, ALIAS)
     except MlflowException:
@@ -70,18 +73,17 @@ def champion_accuracy(client, name: str) -> tuple[str | None, float | None]:
 def log_model(model_dir: Path, example: np.ndarray, serving: dict):
     """Log the checkpoint as a "models from code" pyfunc with the package source beside it, and the
     serving limits."""
-    import tempfile
-
-    import mlflow
-
     with tempfile.TemporaryDirectory() as tmp:
-        limits = Path(tmp) / "serving.json"
+        limits = Path(tmp) / LIMITS_ARTIFACT
         limits.write_text(json.dumps(serving))
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PACKAGE_DIR / "model_code.py"),
-            artifacts={"weights": str(model_dir / WEIGHTS_FILE), "meta": str(model_dir / META_FILE),
-                       "serving": str(limits)},
+            artifacts={
+                "weights": str(model_dir / WEIGHTS_FILE),
+                "card": str(model_dir / CARD_FILE),
+                "serving": str(limits),
+            },
             code_paths=[str(PACKAGE_DIR)],
             input_example=[encode_png(image) for image in example],
             pip_requirements=pip_requirements(),
@@ -99,26 +101,29 @@ def model_name(params: Params) -> str:
 def main(argv: list[str] | None = None) -> None:
     params: Params = stage_params(argv, __doc__)
     model_dir = Path(params.train.model_dir)
-    meta = json.loads((model_dir / META_FILE).read_text())
+    card = ModelCard.read(model_dir / CARD_FILE)
     val_accuracy = float(json.loads((Path(params.train.metrics_dir) / "train.json").read_text())["val_accuracy"])
     example = np.load(Path(params.prepare.out_dir) / "test_images.npy", mmap_mode="r")[:2]
 
-    import mlflow
-
-    from imgclf.tracking import log_dvc_hashes, resume_pipeline_run
-
     name = model_name(params)
-    with resume_pipeline_run(params.mlflow.experiment_name, meta["mlflow_run_id"]) as run:
+    with resume_pipeline_run(params.mlflow.experiment_name, card.mlflow_run_id) as run:
         info = log_model(model_dir, example, asdict(params.serve))
         client = mlflow.MlflowClient()
         previous, previous_accuracy = champion_accuracy(client, name)
-        version = mlflow.register_model(info.model_uri, name,
-                                        tags={"val_accuracy": str(val_accuracy)}).version
+        version = mlflow.register_model(info.model_uri, name, tags={"val_accuracy": str(val_accuracy)}).version
         champion = is_better(val_accuracy, previous_accuracy)
         if champion:
             client.set_registered_model_alias(name, ALIAS, version)
-        receipt = Receipt(name, str(version), run.info.run_id, f"models:/{name}/{version}", val_accuracy,
-                          champion, previous, previous_accuracy)
+        receipt = Receipt(
+            name,
+            str(version),
+            run.info.run_id,
+            f"models:/{name}/{version}",
+            val_accuracy,
+            champion,
+            previous,
+            previous_accuracy,
+        )
         mlflow.set_tags({"registered_model": f"{name}/{version}", "champion": str(champion).lower()})
         log_dvc_hashes({"model": str(model_dir / WEIGHTS_FILE)})  # dvc.lock has train's outputs by now
     write_json(params.register.receipt, asdict(receipt))

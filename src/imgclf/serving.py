@@ -25,18 +25,22 @@ import base64
 import binascii
 import json
 import os
+import sys
 import threading
 from typing import Any
 
 import mlflow
 import numpy as np
 from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
+from mlflow.pyfunc import scoring_server
+from PIL import Image
 
-from imgclf.images import ImageError, decode, to_array
+from imgclf.config import ConfigError, ServeConfig, from_mapping
+from imgclf.images import ImageError, ImageTooLarge, decode, to_array
 from imgclf.models import load_checkpoint, predict_proba
+from imgclf.tracking import StoreUnavailable, use_store
 
-DEFAULT_LIMITS = {"max_request_bytes": 20_000_000, "max_image_bytes": 5_000_000,
-                  "max_image_pixels": 40_000_000, "max_images": 256, "top_k": 3}
+LIMITS_ARTIFACT = "serving.json"  # the `serve` section, as register stored it with the model
 
 
 class RequestError(ValueError):
@@ -69,20 +73,24 @@ def decode_base64(text: Any, index: int, max_bytes: int) -> bytes:
         raise RequestError(400, f"input {index}: not valid base64") from None
 
 
-def parse_request(body: bytes, content_type: str | None, limits: dict[str, int]) -> list[bytes] | np.ndarray:
+def parse_request(body: bytes, content_type: str | None, limits: ServeConfig) -> list[bytes] | np.ndarray:
     """Validate a request body: image files (list of bytes) or pixel arrays (uint8 N, H, W, C)."""
     if (content_type or "").split(";")[0].strip().lower() != "application/json":
         raise RequestError(415, "send Content-Type: application/json")
-    if len(body) > limits["max_request_bytes"]:
-        raise RequestError(413, f"the request body is {len(body):,} bytes, over the limit of "
-                                f"{limits['max_request_bytes']:,}")
+    if len(body) > limits.max_request_bytes:
+        raise RequestError(
+            413, f"the request body is {len(body):,} bytes, over the limit of {limits.max_request_bytes:,}"
+        )
     try:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RequestError(400, "the request body is not valid JSON") from None
     if not isinstance(payload, dict) or set(payload) != {"inputs"}:
-        raise RequestError(400, 'expected {"inputs": [<base64 image>, ...]} or '
-                                '{"inputs": {"array": <base64>, "shape": [N, H, W, C], "dtype": "uint8"}}')
+        raise RequestError(
+            400,
+            'expected {"inputs": [<base64 image>, ...]} or '
+            '{"inputs": {"array": <base64>, "shape": [N, H, W, C], "dtype": "uint8"}}',
+        )
     inputs = payload["inputs"]
     if isinstance(inputs, dict):
         return parse_array(inputs, limits)
@@ -90,12 +98,12 @@ def parse_request(body: bytes, content_type: str | None, limits: dict[str, int])
         raise RequestError(400, "inputs must be a list of base64 image files or an array object")
     if not inputs:
         raise RequestError(400, "inputs is empty: send at least one image")
-    if len(inputs) > limits["max_images"]:
-        raise RequestError(413, f"{len(inputs)} images in one request, over the limit of {limits['max_images']}")
-    return [decode_base64(item, i, limits["max_image_bytes"]) for i, item in enumerate(inputs)]
+    if len(inputs) > limits.max_images:
+        raise RequestError(413, f"{len(inputs)} images in one request, over the limit of {limits.max_images}")
+    return [decode_base64(item, i, limits.max_image_bytes) for i, item in enumerate(inputs)]
 
 
-def parse_array(inputs: dict, limits: dict[str, int]) -> np.ndarray:
+def parse_array(inputs: dict, limits: ServeConfig) -> np.ndarray:
     if set(inputs) != {"array", "shape", "dtype"}:
         raise RequestError(400, 'an array input has exactly the keys "array", "shape" and "dtype"')
     if inputs["dtype"] != "uint8":
@@ -106,11 +114,12 @@ def parse_array(inputs: dict, limits: dict[str, int]) -> np.ndarray:
     n, h, w, c = shape
     if c not in (1, 3, 4):
         raise RequestError(400, f"array shape {shape}: C must be 1 (gray), 3 (RGB) or 4 (RGBA)")
-    if n > limits["max_images"]:
-        raise RequestError(413, f"{n} images in one request, over the limit of {limits['max_images']}")
-    if h * w > limits["max_image_pixels"]:
-        raise RequestError(413, f"array shape {shape}: {h * w:,} pixels per image, over the limit of "
-                                f"{limits['max_image_pixels']:,}")
+    if n > limits.max_images:
+        raise RequestError(413, f"{n} images in one request, over the limit of {limits.max_images}")
+    if h * w > limits.max_image_pixels:
+        raise RequestError(
+            413, f"array shape {shape}: {h * w:,} pixels per image, over the limit of {limits.max_image_pixels:,}"
+        )
     raw = decode_base64(inputs["array"], 0, n * h * w * c)
     if len(raw) != n * h * w * c:
         raise RequestError(400, f"array holds {len(raw):,} bytes, but shape {shape} needs {n * h * w * c:,}")
@@ -119,55 +128,62 @@ def parse_array(inputs: dict, limits: dict[str, int]) -> np.ndarray:
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.model, self.meta = load_checkpoint(context.artifacts["weights"], context.artifacts["meta"])
-        limits = context.artifacts.get("serving")
-        self.limits = {**DEFAULT_LIMITS, **(json.loads(open(limits).read()) if limits else {})}
+        self.model, self.card = load_checkpoint(context.artifacts["weights"], context.artifacts["card"])
+        path = context.artifacts["serving"]
+        try:
+            self.limits = from_mapping(ServeConfig, json.loads(open(path).read()), prefix="serve.")
+        except ConfigError as exc:
+            raise MlflowException(f"{path} ({LIMITS_ARTIFACT}): {exc}") from None
         # One forward pass at a time, using every core: concurrent ones would oversubscribe the CPU.
         self.lock = threading.Lock()
-        from mlflow.pyfunc import scoring_server
-
         if os.environ.get(scoring_server._SERVER_MODEL_PATH):  # loaded by `mlflow models serve`
             install_guard()
 
     def decode_all(self, files: list[bytes]) -> np.ndarray:
         """Image files -> uint8 (N, size, size, channels); RequestError naming the first bad one."""
-        size, channels = self.meta["image_size"], self.meta["channels"]
+        size, channels = self.card.image_size, self.card.channels
         arrays = []
         for i, data in enumerate(files):
-            if len(data) > self.limits["max_image_bytes"]:
-                raise RequestError(413, f"input {i}: {len(data):,} bytes, over the limit of "
-                                        f"{self.limits['max_image_bytes']:,}")
+            if len(data) > self.limits.max_image_bytes:
+                raise RequestError(
+                    413, f"input {i}: {len(data):,} bytes, over the limit of {self.limits.max_image_bytes:,}"
+                )
             try:
-                arrays.append(decode(data, size, channels, self.limits["max_image_pixels"]))
+                arrays.append(decode(data, size, channels, self.limits.max_image_pixels))
+            except ImageTooLarge as exc:
+                raise RequestError(413, f"input {i}: {exc}") from None
             except ImageError as exc:
-                status = 413 if "over the limit" in str(exc) else 400
-                raise RequestError(status, f"input {i}: {exc}") from None
+                raise RequestError(400, f"input {i}: {exc}") from None
         return np.stack(arrays) if arrays else np.zeros((0, size, size, channels), np.uint8)
 
     def conform(self, pixels: np.ndarray) -> np.ndarray:
         """Client-decoded uint8 (N, H, W, C) -> the model's size and channels, as prepare does."""
-        size, channels = self.meta["image_size"], self.meta["channels"]
+        size, channels = self.card.image_size, self.card.channels
         if pixels.shape[1:] == (size, size, channels):
             return pixels
-        from PIL import Image
-
         modes = {1: "L", 3: "RGB", 4: "RGBA"}
-        return np.stack([to_array(Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p, modes[p.shape[-1]]),
-                                  size, channels) for p in pixels])
+        return np.stack(
+            [
+                to_array(Image.fromarray(p[..., 0] if p.shape[-1] == 1 else p, modes[p.shape[-1]]), size, channels)
+                for p in pixels
+            ]
+        )
 
     def classify(self, pixels: np.ndarray) -> list[dict[str, Any]]:
         with self.lock:
             probs = predict_proba(self.model, pixels)
-        return predictions(probs, self.meta["classes"], self.limits["top_k"])
+        return predictions(probs, list(self.card.classes), self.limits.top_k)
 
     # No return annotation: MLflow derives the output schema from it, and a list of dicts of mixed
     # values has no stricter schema than "any", for which it warns on every log_model.
     def predict(self, model_input: list[bytes], params: dict[str, Any] | None = None):
         """Image files in, one dict of `predictions` per image out (in process; the served model goes
         through the guard)."""
-        if len(model_input) > self.limits["max_images"]:
-            raise MlflowException(f"{len(model_input)} images, over the limit of {self.limits['max_images']}",
-                                  error_code=INVALID_PARAMETER_VALUE)
+        if len(model_input) > self.limits.max_images:
+            raise MlflowException(
+                f"{len(model_input)} images, over the limit of {self.limits.max_images}",
+                error_code=INVALID_PARAMETER_VALUE,
+            )
         try:
             return self.classify(self.decode_all(model_input))
         except RequestError as exc:
@@ -177,10 +193,6 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
 def load_registered(model_uri: str) -> ImageClassifier:
     """The image classifier behind a model URI (`models:/<name>@champion`, ...), for the command-line
     tools; SystemExit(1) saying why when there is none."""
-    import sys
-
-    from imgclf.tracking import StoreUnavailable, use_store
-
     try:
         use_store()
         model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
@@ -195,8 +207,6 @@ def load_registered(model_uri: str) -> ImageClassifier:
 
 def guarded_invocations(data: bytes, content_type: str | None, model, input_schema):
     """Stands in for mlflow.pyfunc.scoring_server.invocations when it serves an ImageClassifier."""
-    from mlflow.pyfunc.scoring_server import InvocationsResponse
-
     python_model = model.unwrap_python_model()
     try:
         inputs = parse_request(data, content_type, python_model.limits)
@@ -205,13 +215,11 @@ def guarded_invocations(data: bytes, content_type: str | None, model, input_sche
     except RequestError as exc:
         code = "RESOURCE_EXHAUSTED" if exc.status == 413 else "INVALID_PARAMETER_VALUE"
         body, status = {"error_code": code, "message": exc.message}, exc.status
-    return InvocationsResponse(response=json.dumps(body), status=status, mimetype="application/json")
+    return scoring_server.InvocationsResponse(response=json.dumps(body), status=status, mimetype="application/json")
 
 
 def install_guard() -> None:
     """Route the scoring server's requests through `guarded_invocations`. The server looks the
     handler up by name on each request, so replacing it while the model loads takes effect; it
     serves this one model only."""
-    from mlflow.pyfunc import scoring_server
-
     scoring_server.invocations = guarded_invocations

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlruns"
@@ -31,9 +41,6 @@ class StoreUnavailable(RuntimeError):
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, with a clear message, when a tracking server does not answer (MLflow's own client
     would retry for minutes)."""
-    import urllib.error
-    import urllib.request
-
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -41,15 +48,15 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
             pass
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise StoreUnavailable(f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer "
-                               f"({reason}): start it, or unset MLFLOW_TRACKING_URI to use the local store "
-                               f"{STORE_FILE}") from None
+        raise StoreUnavailable(
+            f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) does not answer "
+            f"({reason}): start it, or unset MLFLOW_TRACKING_URI to use the local store "
+            f"{STORE_FILE}"
+        ) from None
 
 
 def use_store() -> str | None:
     """Point MLflow at the store (MLFLOW_TRACKING_URI, else the default); returns the user's URI."""
-    import mlflow
-
     user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     check_reachable(user_uri or "")
     # (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, so read it before.)
@@ -59,9 +66,6 @@ def use_store() -> str | None:
 
 def configure(experiment_name: str) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     user_uri = use_store()
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(experiment_name)
@@ -83,17 +87,19 @@ def git_state(cwd: str | Path | None = None) -> dict[str, str]:
     """The commit the code came from, and whether tracked files differ from it. The pipeline's own
     records (dvc.lock, .gitignore files, stage outputs kept in git such as metrics) do not count:
     `dvc repro` rewrites them as it runs."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
     try:
         commit = git("rev-parse", "HEAD").strip()
         changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
     except (OSError, subprocess.CalledProcessError):
         return {}
     outputs = set(dvc_outputs(Path(cwd or ".") / "dvc.lock"))
-    changed = [path for path in changed
-               if path != "dvc.lock" and Path(path).name != ".gitignore" and path not in outputs]
+    changed = [
+        path for path in changed if path != "dvc.lock" and Path(path).name != ".gitignore" and path not in outputs
+    ]
     tags = {"mlflow.source.git.commit": commit, "git_dirty": str(bool(changed)).lower()}
     if changed:
         tags["git_dirty_files"] = ", ".join(changed)[:4000]
@@ -104,8 +110,6 @@ def start_pipeline_run(experiment_name: str, resume_run_id: str | None = None):
     """Start the run of this pipeline execution (train stage). Named after the DVC experiment when
     there is one; `MLFLOW_RUN_ID` (set by `mlflow run`) makes the pipeline continue that run instead,
     and `resume_run_id` (training resumed from a checkpoint) the run that checkpoint belongs to."""
-    import mlflow
-
     experiment_id = configure(experiment_name)
     run_id = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
     if run_id:
@@ -121,22 +125,19 @@ def start_pipeline_run(experiment_name: str, resume_run_id: str | None = None):
 
 def resume_pipeline_run(experiment_name: str, run_id: str):
     """Continue the run the train stage started (evaluate and register log into it)."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     configure(experiment_name)
     try:
         mlflow.MlflowClient().get_run(run_id)
     except MlflowException:
-        raise SystemExit(f"error: MLflow run {run_id} (recorded by the train stage) is not in the tracking "
-                         f"store {mlflow.get_tracking_uri()}: re-run the train stage against this store") from None
+        raise SystemExit(
+            f"error: MLflow run {run_id} (recorded by the train stage) is not in the tracking "
+            f"store {mlflow.get_tracking_uri()}: re-run the train stage against this store"
+        ) from None
     return mlflow.start_run(run_id=run_id)
 
 
 def dvc_outputs(lock_file: str | Path = "dvc.lock") -> dict[str, dict]:
     """Every stage output recorded in dvc.lock: path -> {"md5", "size", "nfiles"?}."""
-    import yaml
-
     try:
         lock = yaml.safe_load(Path(lock_file).read_text()) or {}
     except FileNotFoundError:
@@ -155,8 +156,6 @@ def _matches(path: Path, entry: dict) -> bool:
 def log_dvc_hashes(paths: dict[str, str]) -> dict[str, str]:
     """Tag the active run with the DVC hash (from dvc.lock) of each path, as `dvc.<key>.md5`, when
     dvc.lock describes what is on disk. Returns the tags set."""
-    import mlflow
-
     outputs = dvc_outputs()
     tags = {}
     for key, path in paths.items():
@@ -172,10 +171,6 @@ def log_data_lineage(name: str, raw_dir: str, prepared_dir: str) -> dict[str, st
     """Record which data version the run saw: the DVC hashes of the raw and prepared data (from
     dvc.lock, which `dvc repro` updates after each stage) as tags, and the raw data as an MLflow
     dataset input whose digest is its DVC hash. Returns the tags."""
-    import mlflow
-    from mlflow.data.dataset_source_registry import get_registered_sources, resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
     tags = log_dvc_hashes({"raw": raw_dir, "prepared": prepared_dir})
     mlflow.set_tag("dvc.data_version_known", str("dvc.raw.md5" in tags).lower())
     # MLflow registers its local-file source twice; name one to avoid its "multiple ways" warning.
@@ -198,7 +193,6 @@ class EpochLogger:
     and value), and after a failure the steps the store holds are read again before re-sending."""
 
     def __init__(self, run_id: str, key: str = "val_accuracy") -> None:
-        import mlflow
 
         self.client = mlflow.MlflowClient()
         self.run_id = run_id
@@ -212,9 +206,6 @@ class EpochLogger:
         return {m.step for m in self.client.get_metric_history(self.run_id, self.key)}
 
     def add(self, epoch: int, metrics: dict[str, float]) -> None:
-        import time
-
-        from mlflow.entities import Metric
 
         if epoch not in self.logged:
             now = int(time.time() * 1000)
@@ -233,7 +224,6 @@ class EpochLogger:
             self.pending.pop(0)
 
     def flush(self, final: bool = False, attempts: int = 12, wait: float = 5.0) -> None:
-        import time
 
         for attempt in range(attempts if final else 1):
             try:
@@ -242,13 +232,17 @@ class EpochLogger:
                 self.failed = True
                 if not self.warned:
                     epoch = self.pending[0][0] if self.pending else "?"
-                    print(f"train: could not log epoch {epoch} to MLflow ({type(exc).__name__}); "
-                          "will retry (metrics are kept in the checkpoint and train_history.csv)")
+                    print(
+                        f"train: could not log epoch {epoch} to MLflow ({type(exc).__name__}); "
+                        "will retry (metrics are kept in the checkpoint and train_history.csv)"
+                    )
                     self.warned = True
             if not self.pending:
                 return
             if final and attempt + 1 < attempts:
                 time.sleep(wait)
         if final:
-            raise StoreUnavailable(f"{len(self.pending)} epoch(s) of metrics could not be logged to MLflow run "
-                                   f"{self.run_id}; the checkpoint keeps them: re-run to log them")
+            raise StoreUnavailable(
+                f"{len(self.pending)} epoch(s) of metrics could not be logged to MLflow run "
+                f"{self.run_id}; the checkpoint keeps them: re-run to log them"
+            )

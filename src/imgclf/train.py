@@ -9,13 +9,15 @@ that evaluate and register continue: every resolved param, per-epoch train/val l
 commit and the data version. A checkpoint of the same params, data and code is resumed from, in the
 same MLflow run, and ends with the same weights as an uninterrupted run.
 
-The whole training set lives on the device as one uint8 tensor: batches are gathered by index,
-augmented as whole batches and normalised inside the model; no per-sample Python, no DataLoader.
+The core is `fit(params, card, train, val, device)`: no MLflow, no files, no environment; `main` and the
+benchmarks call it. The whole training set lives on the device as one uint8 tensor: batches are gathered
+by index, augmented as whole batches and normalised inside the model; no per-sample Python, no DataLoader.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -23,35 +25,39 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import mlflow
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from imgclf import checkpoint
 from imgclf.allocator import keep_freed_memory
+from imgclf.architectures import TORCHVISION
 from imgclf.augment import AlternatingFlip, Augment
+from imgclf.card import CARD_VERSION, ModelCard
 from imgclf.config import Params, TrainConfig, as_flat_dict, stage_params
+from imgclf.devices import PrecisionError, autocast_dtype, configure_torch, deterministic_environment, resolve_device
+from imgclf.ema import WeightAverage
 from imgclf.files import write_bytes, write_json
 from imgclf.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    TORCHVISION,
     Classifier,
+    ModelError,
     build,
     head_parameters,
     make_deterministic,
-    resolve_device,
-    save_checkpoint,
     to_nchw,
 )
+from imgclf.models import save_checkpoint as save_model
 from imgclf.optim import make_optimizer, make_scheduler
+from imgclf.tracking import EpochLogger, StoreUnavailable, log_data_lineage, start_pipeline_run
 
 # How often (in steps) the device is asked whether the loss went non-finite: asking syncs a GPU.
 DIVERGENCE_CHECK_EVERY = 50
-# With train.lookahead, the weights are reset to their EMA every this many steps (airbench: 5).
-LOOKAHEAD_EVERY = 5
 
 
 @dataclass(frozen=True)
@@ -67,62 +73,33 @@ class Diverged(FloatingPointError):
 
 
 def load_split(prepared: Path, split: str) -> Arrays:
-    return Arrays(np.load(prepared / f"{split}_images.npy", mmap_mode="r"),
-                  np.load(prepared / f"{split}_labels.npy"))
+    return Arrays(np.load(prepared / f"{split}_images.npy", mmap_mode="r"), np.load(prepared / f"{split}_labels.npy"))
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512_BF16 or AMX): there, bf16 autocast trains the
-    fast preset about 1.6x faster than fp32; without them, bf16 is emulated and about 3x slower."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch's own CPU feature queries
-    return any(getattr(torch.cpu, check, lambda: False)() for check in checks)
+class Divergence:
+    """Watches the loss for NaN or infinity without syncing the device every step: the first bad step is
+    kept on the device and read every DIVERGENCE_CHECK_EVERY steps."""
 
+    def __init__(self, device: torch.device) -> None:
+        self.first_bad = torch.full((), -1, device=device, dtype=torch.long)
 
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of train.precision on `device`; None for fp32. `auto` takes bf16 on CUDA GPUs
-    (fp16 on those without bf16) and on CPUs with bf16 units, else fp32. Weights, optimizer state, the
-    loss and evaluation stay fp32 whatever the choice."""
-    if cfg.precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if cfg.precision == "fp16":
-            return torch.float16
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    native_bf16 = device.type == "cpu" and cpu_has_bf16()
-    if cfg.precision == "auto":
-        return torch.bfloat16 if native_bf16 else None
-    if cfg.precision == "bf16" and native_bf16:
-        return torch.bfloat16
-    if cfg.precision == "fp16":
-        raise ValueError(f"train.precision: fp16 autocast is for CUDA devices; on {device.type} use auto, fp32, "
-                         "or bf16 on a CPU with bf16 units (AVX512_BF16 or AMX)")
-    if device.type == "cpu":
-        raise ValueError("train.precision: bf16 on cpu: this cpu has no bf16 units (AVX512_BF16 or AMX), where "
-                         "bf16 runs about 3x slower than fp32: use auto or fp32")
-    raise ValueError(f"train.precision: bf16 autocast is for CUDA devices and CPUs with bf16 units, not "
-                     f"{device.type}: use auto or fp32")
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
 
-
-def configure_torch(cfg: TrainConfig) -> None:
-    threads = cfg.threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)  # more threads than cores slows small nets a lot
-    keep_freed_memory()  # ~1.2x the images/s on the CPU for nets with large activations
-    if cfg.deterministic:
-        # cuBLAS needs this workspace setting for deterministic results (read when CUDA starts).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    else:
-        torch.use_deterministic_algorithms(False)
-    # On a GPU, cuDNN times its convolution kernels once per input shape and keeps the fastest: the
-    # choice can differ between runs, so not when results must repeat. (No effect on a CPU.)
-    torch.backends.cudnn.benchmark = not cfg.deterministic
+    def check(self, step: int, steps: int, epoch: int) -> None:
+        if step % DIVERGENCE_CHECK_EVERY and step != steps:
+            return
+        if (bad := int(self.first_bad)) >= 0:
+            raise Diverged(
+                f"training diverged: the loss is not finite at epoch {epoch}, step {bad} of {steps}; "
+                "nothing was saved for this epoch (lower train.lr, or set train.grad_clip)"
+            )
 
 
 class Training:
     """Everything that changes while training, with a state dict to checkpoint and resume it."""
 
-    def __init__(self, model: Classifier, train: Arrays, val: Arrays, cfg: TrainConfig,
-                 device: torch.device) -> None:
+    def __init__(self, model: Classifier, train: Arrays, val: Arrays, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
@@ -133,11 +110,11 @@ class Training:
         self.scheduler = make_scheduler(self.optimizer, cfg, cfg.epochs * self.steps_per_epoch)
         self.dtype = autocast_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        self.ema = None
-        if cfg.ema_decay:
-            from torch.optim.swa_utils import AveragedModel
-
-            self.ema = AveragedModel(model, multi_avg_fn=self._average, use_buffers=True)
+        self.ema = (
+            WeightAverage(model, cfg.ema_decay, cfg.lookahead, cfg.epochs * self.steps_per_epoch)
+            if cfg.ema_decay
+            else None
+        )
         # Shuffling and augmentation draw from their own generators, seeded by train.seed alone.
         self.order = torch.Generator().manual_seed(cfg.seed)
         self.augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
@@ -153,38 +130,26 @@ class Training:
         self.epoch = 0
         self.history: list[dict[str, float]] = []
 
-    def _ema_decay_now(self) -> float:
-        """train.ema_decay per step. With lookahead the average is updated every LOOKAHEAD_EVERY steps,
-        so its decay is that of as many steps, ramped up as progress^3 (move fast early, average
-        strongly late), as in airbench (K. Jordan, 2024)."""
-        if not self.cfg.lookahead:
-            return self.cfg.ema_decay
-        done = self.scheduler.last_epoch / (self.cfg.epochs * self.steps_per_epoch)
-        return self.cfg.ema_decay**LOOKAHEAD_EVERY * done**3
-
-    @torch.no_grad()
-    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], count) -> None:
-        pairs = [(a, c) for a, c in zip(averaged, current) if a.is_floating_point()]
-        if pairs:
-            torch._foreach_lerp_([a for a, _ in pairs], [c for _, c in pairs], 1.0 - self._ema_decay_now())
-        for a, c in zip(averaged, current):
-            if not a.is_floating_point():  # counters such as BatchNorm's num_batches_tracked
-                a.copy_(c)
-
     @property
     def final_model(self) -> Classifier:
         """The model evaluation and serving get: the EMA of the weights when there is one."""
         return self.ema.module if self.ema is not None else self.model
 
     def state_dict(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "order": self.order.get_state(),
-               "augment": self.augment_rng.get_state()}
+        rng = {"torch": torch.get_rng_state(), "order": self.order.get_state(), "augment": self.augment_rng.get_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {"epoch": self.epoch, "history": self.history, "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-                "rng": rng}
+        return {
+            "epoch": self.epoch,
+            "epochs": self.cfg.epochs,
+            "history": self.history,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
+            "rng": rng,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.history = state["epoch"], list(state["history"])
@@ -200,84 +165,105 @@ class Training:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
-    def _set_frozen(self, frozen: bool) -> None:
-        for p in self.trainable:
-            if id(p) not in self.head:
-                p.requires_grad_(not frozen)
+    # ---- one epoch, in parts -----------------------------------------------------------------------
 
-    def run_epoch(self, on_step=lambda: None) -> dict[str, float]:
-        """Train one epoch, then score the validation split; returns the epoch's metrics."""
-        cfg, device = self.cfg, self.device
+    def begin_epoch(self) -> None:
+        """Which parameters learn this epoch: the head alone while the backbone is frozen, and the
+        whitening bias only for its first epochs."""
         self.epoch += 1
         if self.head:
-            self._set_frozen(self.epoch <= cfg.freeze_epochs)
+            frozen = self.epoch <= self.cfg.freeze_epochs
+            for p in self.trainable:
+                if id(p) not in self.head:
+                    p.requires_grad_(not frozen)
         if self.whiten_bias is not None:
-            self.whiten_bias.requires_grad_(self.epoch <= cfg.whiten_bias_epochs)
+            self.whiten_bias.requires_grad_(self.epoch <= self.cfg.whiten_bias_epochs)
         self.model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        batches = torch.randperm(len(self.x_train), generator=self.order).to(device).split(cfg.batch_size)
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images (augmented) and labels at `index`."""
+        images, target = self.x_train[index], self.y_train[index]
+        if self.augment.active:
+            flips = self.alternating_flip.mask(self.epoch, index) if self.alternating_flip else None
+            images = self.augment(images, self.augment_rng, flip_mask=flips)
+        return images, target
+
+    def gradients(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward passes over micro-batches of train.micro_batch images, accumulating the whole batch's
+        gradient; returns the batch's mean loss and its number of correct predictions (on the device)."""
+        loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        size = self.cfg.micro_batch or len(images)
+        for start in range(0, len(images), size):
+            part = images[start : start + size].contiguous(memory_format=self.memory_format)
+            part_target = target[start : start + size]
+            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
+                logits = self.forward(part)
+                part_loss = self.loss_fn(logits.float(), part_target) * (len(part) / len(images))
+            self.scaler.scale(part_loss).backward()
+            loss += part_loss.detach()
+            correct += (logits.argmax(1) == part_target).sum()
+        return loss, correct
+
+    def step(self) -> None:
+        """One optimizer step on the accumulated gradients (clipped, scaled), then the schedule and the
+        weight average."""
+        if self.cfg.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.trainable, self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model, self.scheduler.last_epoch)
+
+    def run_epoch(self, on_step: Callable[[], None] = lambda: None) -> dict[str, float]:
+        """Train one epoch, then score the validation split; returns the epoch's metrics."""
+        self.begin_epoch()
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        divergence = Divergence(self.device)
+        batches = torch.randperm(len(self.x_train), generator=self.order).to(self.device).split(self.cfg.batch_size)
         for step, index in enumerate(batches, start=1):
-            images, target = self.x_train[index], self.y_train[index]
-            if self.augment.active:
-                flips = self.alternating_flip.mask(self.epoch, index) if self.alternating_flip else None
-                images = self.augment(images, self.augment_rng, flip_mask=flips)
+            images, target = self.batch(index)
             self.optimizer.zero_grad(set_to_none=True)
-            # Gradients of the whole batch, accumulated over micro-batches of train.micro_batch images.
-            loss = torch.zeros((), device=device)
-            size = cfg.micro_batch or len(index)
-            for start in range(0, len(index), size):
-                part = images[start:start + size].contiguous(memory_format=self.memory_format)
-                part_target = target[start:start + size]
-                with torch.autocast(device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                    logits = self.forward(part)
-                    part_loss = self.loss_fn(logits.float(), part_target) * (len(part) / len(index))
-                self.scaler.scale(part_loss).backward()
-                loss += part_loss.detach()
-                correct += (logits.argmax(1) == part_target).sum()
-            if cfg.grad_clip:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            if self.ema is not None and not cfg.lookahead:
-                self.ema.update_parameters(self.model)
-            elif self.ema is not None and self.scheduler.last_epoch % LOOKAHEAD_EVERY == 0:
-                # Lookahead: the average takes a step towards the weights being trained, which then
-                # jump back to it.
-                self.ema.update_parameters(self.model)
-                self.model.load_state_dict(self.ema.module.state_dict())
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), step, first_bad)
+            loss, batch_correct = self.gradients(images, target)
+            self.step()
+            divergence.record(loss, step)
             loss_sum += loss * len(index)
-            if step % DIVERGENCE_CHECK_EVERY == 0 or step == len(batches):
-                if (bad := int(first_bad)) >= 0:
-                    raise Diverged(f"training diverged: the loss is not finite at epoch {self.epoch}, step {bad} "
-                                   f"of {len(batches)}; nothing was saved for this epoch (lower train.lr, or "
-                                   "set train.grad_clip)")
+            correct += batch_correct
+            divergence.check(step, len(batches), self.epoch)
             on_step()
-        if self.ema is not None and cfg.lookahead and int(self.ema.n_averaged) == 0:
-            self.ema.update_parameters(self.model)  # fewer steps than LOOKAHEAD_EVERY so far: start the average
+        if self.ema is not None:
+            self.ema.end_epoch(self.model)
         val_loss, val_accuracy = score(self.final_model, self.x_val, self.y_val, self.memory_format)
-        metrics = {"train_loss": loss_sum.item() / len(self.x_train),
-                   "train_accuracy": correct.item() / len(self.x_train),
-                   "val_loss": val_loss, "val_accuracy": val_accuracy, "lr": self.scheduler.get_last_lr()[0]}
+        metrics = {
+            "train_loss": loss_sum.item() / len(self.x_train),
+            "train_accuracy": correct.item() / len(self.x_train),
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "lr": self.scheduler.get_last_lr()[0],
+        }
         self.history.append({"epoch": self.epoch, **metrics})
         return metrics
 
 
 @torch.inference_mode()
-def score(model: Classifier, images: torch.Tensor, labels: torch.Tensor,
-          memory_format: torch.memory_format = torch.contiguous_format, batch_size: int = 1024) -> tuple[float, float]:
+def score(
+    model: Classifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    memory_format: torch.memory_format = torch.contiguous_format,
+    batch_size: int = 1024,
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over a whole split held on the device (eval mode)."""
     was_training = model.training
     model.eval()
     loss = torch.zeros((), device=images.device)
     correct = torch.zeros((), device=images.device, dtype=torch.long)
     for start in range(0, len(images), batch_size):
-        logits = model(images[start:start + batch_size].contiguous(memory_format=memory_format)).float()
-        target = labels[start:start + batch_size]
+        logits = model(images[start : start + batch_size].contiguous(memory_format=memory_format)).float()
+        target = labels[start : start + batch_size]
         loss += nn.functional.cross_entropy(logits, target, reduction="sum")
         correct += (logits.argmax(1) == target).sum()
     model.train(was_training)
@@ -285,30 +271,36 @@ def score(model: Classifier, images: torch.Tensor, labels: torch.Tensor,
     return loss.item() / n, correct.item() / n
 
 
-def history_csv(history: list[dict]) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
-    return buffer.getvalue().encode()
+# ---- the core: fit -----------------------------------------------------------------------------------
 
 
-def model_meta(params: Params, data_meta: dict) -> dict:
-    """What travels with the checkpoint: architecture, classes, input shape, normalisation."""
+def new_card(params: Params, data_meta: dict[str, Any]) -> ModelCard:
+    """The card of the model params.train describes, for data with prepare's meta.json."""
     cfg = params.train
-    meta = {"model": cfg.model, **{k: data_meta[k] for k in ("classes", "image_size", "channels", "mean", "std")},
-            "tta_flip": cfg.tta_flip, "tta_translate": cfg.tta_translate}
+    mean, std = data_meta["mean"], data_meta["std"]
     if cfg.model.startswith(TORCHVISION) and cfg.pretrained is not None:
         # Fine-tuning keeps the normalisation the pretrained weights were trained with.
-        meta["mean"], meta["std"] = IMAGENET_MEAN, IMAGENET_STD
-    return meta
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    return ModelCard(
+        card_version=CARD_VERSION,
+        model=cfg.model,
+        classes=tuple(data_meta["classes"]),
+        image_size=data_meta["image_size"],
+        channels=data_meta["channels"],
+        mean=tuple(mean),
+        std=tuple(std),
+        tta_flip=cfg.tta_flip,
+        tta_translate=cfg.tta_translate,
+        train=dataclasses.asdict(cfg),
+        mlflow_run_id=None,
+    )
 
 
-def new_training(params: Params, meta: dict, train: Arrays, val: Arrays, device: torch.device) -> Training:
+def new_training(params: Params, card: ModelCard, train: Arrays, val: Arrays, device: torch.device) -> Training:
+    """A fresh Training: the model built (and fastnet's whitening set from the data) from train.seed."""
     cfg = params.train
     torch.manual_seed(cfg.seed)
-    model = build(meta, pretrained=cfg.pretrained)
+    model = build(card, pretrained=cfg.pretrained)
     if cfg.deterministic:
         make_deterministic(model)
     if hasattr(model.net, "init_from_data"):  # e.g. FastNet's patch whitening, from training images
@@ -320,82 +312,145 @@ def new_training(params: Params, meta: dict, train: Arrays, val: Arrays, device:
     return Training(model, train, val, cfg, device)
 
 
+@dataclass(frozen=True)
+class FitResult:
+    model: Classifier  # the weights to evaluate and serve (their average, with train.ema_decay)
+    history: list[dict[str, float]]  # one row of metrics per epoch
+    training: Training
+
+
+def fit(
+    params: Params,
+    card: ModelCard,
+    train: Arrays,
+    val: Arrays,
+    device: torch.device,
+    *,
+    resume: dict[str, Any] | None = None,
+    on_step: Callable[[Training], None] = lambda training: None,
+    on_epoch: Callable[[Training, dict[str, float]], None] = lambda training, metrics: None,
+) -> FitResult:
+    """Train `params.train`'s recipe on `train`, scoring `val` after each epoch; from the training state
+    `resume` (a checkpoint's) when given. `on_step` runs after every optimizer step, `on_epoch` after every
+    epoch (where the stage checkpoints and logs). Raises Diverged when the loss stops being finite."""
+    cfg = params.train
+    configure_torch(cfg)
+    training = new_training(params, card, train, val, device)
+    if resume is not None:
+        training.load_state_dict(resume)
+    while training.epoch < cfg.epochs:
+        metrics = training.run_epoch(on_step=lambda: on_step(training))
+        on_epoch(training, metrics)
+    return FitResult(training.final_model, training.history, training)
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+
+
+def history_csv(history: list[dict]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
+    return buffer.getvalue().encode()
+
+
+def resumable_state(cfg: TrainConfig, fingerprint: str) -> dict[str, Any] | None:
+    """The checkpoint to resume from, if it belongs to these params, data and code (else say why not,
+    unless it is of a run that finished: then there is nothing to resume)."""
+    state = checkpoint.load(cfg.checkpoint_dir)
+    if state is None:
+        return None
+    if state.get("fingerprint") == fingerprint:
+        print(f"train: resuming from the checkpoint of epoch {state['epoch']} of {cfg.epochs}")
+        return state
+    if state.get("epoch") != state.get("epochs"):
+        print(
+            f"train: not resuming from {Path(cfg.checkpoint_dir) / checkpoint.FILE}: it was written for "
+            "other params, data or code; starting fresh"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     params: Params = stage_params(argv, __doc__)
     cfg = params.train
+    for override in params.provenance.overrides:
+        print(override)
     prepared = Path(params.prepare.out_dir)
-    data_meta = json.loads((prepared / "meta.json").read_text())
+    card = new_card(params, json.loads((prepared / "meta.json").read_text()))
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
-    meta = model_meta(params, data_meta)
-    configure_torch(cfg)
-    device = resolve_device(cfg.device)
-    try:
-        training = new_training(params, meta, train, val, device)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
-
-    fingerprint = checkpoint.fingerprint(params, prepared)
-    state = checkpoint.load(cfg.checkpoint_dir)
-    resume_run = None
-    if state is not None and state.get("fingerprint") == fingerprint:
-        training.load_state_dict(state)
-        resume_run = state["mlflow_run_id"]
-        print(f"train: resuming from the checkpoint of epoch {training.epoch} of {cfg.epochs}")
-    elif state is not None:
-        print(f"train: not resuming from {Path(cfg.checkpoint_dir) / checkpoint.FILE}: it was written for "
-              "other params, data or code; starting fresh")
-
+    deterministic_environment(os.environ, cfg)
+    keep_freed_memory()  # ~1.2x the images/s on the CPU for nets with large activations (bench/allocator.py)
     # A store that hiccups during training must not stall it for minutes (MLflow's default retries).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    import mlflow
-
-    from imgclf.tracking import EpochLogger, StoreUnavailable, log_data_lineage, start_pipeline_run
+    device = resolve_device(cfg.device)
+    try:
+        autocast_dtype(cfg, device)  # a precision this device cannot use: refused before the run starts
+    except PrecisionError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    fingerprint = checkpoint.fingerprint(params, prepared)
+    state = resumable_state(cfg, fingerprint)
 
     try:
-        run = start_pipeline_run(params.mlflow.experiment_name, resume_run_id=resume_run)
+        run = start_pipeline_run(params.mlflow.experiment_name, resume_run_id=state["mlflow_run_id"] if state else None)
     except StoreUnavailable as exc:
         raise SystemExit(f"error: {exc}") from None
     with run:
         run_id = run.info.run_id
-        if resume_run is None:
+        if state is None:
             mlflow.log_params(as_flat_dict(params))
-            mlflow.log_params({"device_used": str(device),
-                               "num_parameters": sum(p.numel() for p in training.model.parameters())})
+            mlflow.log_params({"device_used": str(device)})
         log_data_lineage(params.data.name, params.data.raw_dir, params.prepare.out_dir)
         mlflow.log_artifact(str(prepared / "report.json"), artifact_path="data")
         logger = EpochLogger(run_id)
-        for row in training.history:  # a resumed run logs what the store does not hold yet
+        for row in state["history"] if state else []:  # a resumed run logs what the store does not hold yet
             logger.add(row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
-        fit(training, cfg, logger, fingerprint, run_id)
-        logger.flush(final=True)
-        meta["mlflow_run_id"] = run_id
-        save_checkpoint(training.final_model, meta, cfg.model_dir)
-        final = {k: round(v, 6) for k, v in training.history[-1].items() if k not in ("epoch", "lr")}
-        write_json(Path(cfg.metrics_dir) / "train.json", final)
-    print(f"train: {cfg.model}, {cfg.epochs} epochs on {device}: val_accuracy {final['val_accuracy']:.4f} "
-          f"(MLflow run {run_id})")
+        history_file = Path(cfg.metrics_dir) / "train_history.csv"
+        remaining = cfg.epochs - (state["epoch"] if state else 0)
 
-
-def fit(training: Training, cfg: TrainConfig, logger, fingerprint: str, run_id: str) -> None:
-    """Run the remaining epochs; after each, checkpoint, write the history and log the metrics."""
-    from tqdm import tqdm
-
-    remaining = cfg.epochs - training.epoch
-    with tqdm(total=remaining * training.steps_per_epoch, desc="train", unit="batch",
-              disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
-        while training.epoch < cfg.epochs:
-            try:
-                metrics = training.run_epoch(on_step=bar.update)
-            except Diverged as exc:
-                raise SystemExit(f"error: {exc}") from None
-            checkpoint.save({**training.state_dict(), "fingerprint": fingerprint, "mlflow_run_id": run_id},
-                            cfg.checkpoint_dir)
-            write_bytes(Path(cfg.metrics_dir) / "train_history.csv", history_csv(training.history))
+        def end_of_epoch(training: Training, metrics: dict[str, float]) -> None:
+            checkpoint.save(
+                {**training.state_dict(), "fingerprint": fingerprint, "mlflow_run_id": run_id}, cfg.checkpoint_dir
+            )
+            write_bytes(history_file, history_csv(training.history))
             logger.add(training.epoch, metrics)
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_accuracy']:.3f}")
-    if not (Path(cfg.metrics_dir) / "train_history.csv").exists():  # all epochs were in the checkpoint
-        write_bytes(Path(cfg.metrics_dir) / "train_history.csv", history_csv(training.history))
+
+        with tqdm(
+            total=remaining * math.ceil(len(train.labels) / cfg.batch_size),
+            desc="train",
+            unit="batch",
+            disable=not sys.stderr.isatty(),
+            file=sys.stderr,
+        ) as bar:
+            try:
+                result = fit(
+                    params,
+                    card,
+                    train,
+                    val,
+                    device,
+                    resume=state,
+                    on_step=lambda _: bar.update(),
+                    on_epoch=end_of_epoch,
+                )
+            except (Diverged, ModelError) as exc:
+                raise SystemExit(f"error: {exc}") from None
+        if remaining == 0:  # every epoch was in the checkpoint
+            write_bytes(history_file, history_csv(result.history))
+        if state is None:
+            mlflow.log_param("num_parameters", sum(p.numel() for p in result.model.parameters()))
+        logger.flush(final=True)
+        save_model(result.model, dataclasses.replace(card, mlflow_run_id=run_id), cfg.model_dir)
+        final = {k: round(v, 6) for k, v in result.history[-1].items() if k not in ("epoch", "lr")}
+        write_json(Path(cfg.metrics_dir) / "train.json", final)
+    print(
+        f"train: {cfg.model}, {cfg.epochs} epochs on {device}: val_accuracy {final['val_accuracy']:.4f} "
+        f"(MLflow run {run_id})"
+    )
 
 
 if __name__ == "__main__":

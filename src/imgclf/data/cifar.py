@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgclf.datasets import DataError, RawData
+from imgclf.data.types import DataError, RawData
 
 
 @dataclass(frozen=True)
@@ -30,19 +30,28 @@ class CifarSpec:
     url: str
     filename: str
     md5: str
-    folder: str                          # the folder inside the archive
-    train: list[tuple[str, str]]         # (batch file, md5)
+    folder: str  # the folder inside the archive
+    train: list[tuple[str, str]]  # (batch file, md5)
     test: list[tuple[str, str]]
     meta_file: str
 
 
 def spec(dataset: str) -> CifarSpec:
+    # Imported here: torchvision.datasets takes 4.6 s to import (torch with it), which the other datasets
+    # and every prepare of an image folder would otherwise pay.
     from torchvision.datasets import CIFAR10, CIFAR100
 
     source = {"cifar10": CIFAR10, "cifar100": CIFAR100}[dataset]
-    return CifarSpec(name=dataset, url=source.url, filename=source.filename, md5=source.tgz_md5,
-                     folder=source.base_folder, train=[tuple(x) for x in source.train_list],
-                     test=[tuple(x) for x in source.test_list], meta_file=source.meta["filename"])
+    return CifarSpec(
+        name=dataset,
+        url=source.url,
+        filename=source.filename,
+        md5=source.tgz_md5,
+        folder=source.base_folder,
+        train=[tuple(x) for x in source.train_list],
+        test=[tuple(x) for x in source.test_list],
+        meta_file=source.meta["filename"],
+    )
 
 
 def md5_of(path: Path, chunk: int = 1 << 20) -> str:
@@ -56,8 +65,10 @@ def md5_of(path: Path, chunk: int = 1 << 20) -> str:
 def verify(path: Path, s: CifarSpec, what: str) -> None:
     actual = md5_of(path)
     if actual != s.md5:
-        raise DataError(f"{what}: {path} has MD5 {actual}, but {s.filename} must have MD5 {s.md5}: "
-                        "the file is truncated, corrupt or not the official archive")
+        raise DataError(
+            f"{what}: {path} has MD5 {actual}, but {s.filename} must have MD5 {s.md5}: "
+            "the file is truncated, corrupt or not the official archive"
+        )
 
 
 def fetch(s: CifarSpec, dest_dir: Path, archive: str | None, timeout: float = 60.0) -> Path:
@@ -71,7 +82,7 @@ def fetch(s: CifarSpec, dest_dir: Path, archive: str | None, timeout: float = 60
         verify(source, s, "data.archive")  # before anything is copied, unpacked or unpickled
         shutil.copyfile(source, dest)
         return dest
-    from torchvision.datasets.utils import download_url
+    from torchvision.datasets.utils import download_url  # see spec()
 
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)  # urllib has no timeout of its own: a dead network would hang
@@ -80,7 +91,8 @@ def fetch(s: CifarSpec, dest_dir: Path, archive: str | None, timeout: float = 60
     except Exception as exc:  # URLError, timeouts, torchvision's "File not found or corrupted."
         raise DataError(
             f"could not download {s.url} ({exc}). Without network access, download {s.filename} "
-            f"elsewhere and set data.archive to its path (its MD5 must be {s.md5}).") from None
+            f"elsewhere and set data.archive to its path (its MD5 must be {s.md5})."
+        ) from None
     finally:
         socket.setdefaulttimeout(previous)
     verify(dest, s, "download")
@@ -90,10 +102,17 @@ def fetch(s: CifarSpec, dest_dir: Path, archive: str | None, timeout: float = 60
 class _ArrayUnpickler(pickle.Unpickler):
     """CIFAR batches are dicts of lists, strings and NumPy arrays: refuse anything else."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("copy_reg", "_reconstructor"),
-               ("copyreg", "_reconstructor"), ("__builtin__", "object"), ("builtins", "object"),
-               ("_codecs", "encode")}  # how protocol-2 pickles written by Python 3 store bytes
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("copy_reg", "_reconstructor"),
+        ("copyreg", "_reconstructor"),
+        ("__builtin__", "object"),
+        ("builtins", "object"),
+        ("_codecs", "encode"),
+    }  # how protocol-2 pickles written by Python 3 store bytes
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self.ALLOWED:
@@ -128,8 +147,10 @@ def read(s: CifarSpec, path: Path, labels: str = "fine") -> RawData:
                     batch = _load_batch(tar, f"{s.folder}/{name}", md5)
                     images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
                     targets.extend(batch[label_key])
-                splits[split] = (np.concatenate(images).transpose(0, 2, 3, 1).copy(),
-                                 np.asarray(targets, dtype=np.int64))
+                splits[split] = (
+                    np.concatenate(images).transpose(0, 2, 3, 1).copy(),
+                    np.asarray(targets, dtype=np.int64),
+                )
     except (tarfile.TarError, KeyError, EOFError, pickle.UnpicklingError, ValueError) as exc:
         raise DataError(f"{path}: not a readable {s.filename} ({type(exc).__name__}: {exc})") from None
     return RawData(classes=[str(c) for c in meta[names_key]], splits=splits)

@@ -9,39 +9,34 @@ memory-mapped arrays, so memory does not grow with the dataset.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tarfile
-import zipfile
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from imgclf.datasets import DataError
+from imgclf.data.archives import Archive, hidden_parts, pack_folder
+from imgclf.data.archives import parts as archive_parts
+from imgclf.data.types import ARCHIVE_SUFFIXES, DataError, archive_suffix
 from imgclf.images import ImageError, decode
 
 TRAIN = "train"
 HELD_OUT = ("test", "val", "valid", "validation")  # the first present is the held-out test split
 VAL_NAMES = HELD_OUT[1:]
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 PACKED_NAME = "images"
 
 
 # ---- download: one archive under data.raw_dir -------------------------------------------------
 
-def archive_suffix(path: Path) -> str | None:
-    name = path.name.lower()
-    return next((s for s in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
-
 
 def stage_source(path: str | None, dest_dir: Path) -> Path:
     """Copy an archive, or pack a folder, from `data.path` into `dest_dir`."""
     if path is None:
-        raise DataError("data.path: required for data.dataset imagefolder (a folder or an archive "
-                        "holding train/<class>/<image>)")
+        raise DataError(
+            "data.path: required for data.dataset imagefolder (a folder or an archive holding train/<class>/<image>)"
+        )
     source = Path(path)
     if source.is_dir():
         dest = dest_dir / f"{PACKED_NAME}.tar"
@@ -57,75 +52,22 @@ def stage_source(path: str | None, dest_dir: Path) -> Path:
     return dest
 
 
-def pack_folder(source: Path, dest: Path) -> None:
-    """A tar of `source` that depends on its contents only: sorted names, no owners, no times."""
-    def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        info.mtime = 0
-        info.mode = 0o755 if info.isdir() else 0o644
-        return info
-
-    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
-        for path in sorted(source.rglob("*")):
-            if path.is_symlink() or not (path.is_file() or path.is_dir()):
-                continue
-            tar.add(path, arcname=path.relative_to(source).as_posix(), recursive=False, filter=clean)
-
-
 def find_archive(raw_dir: Path) -> Path:
     found = [p for p in sorted(raw_dir.iterdir()) if p.name.startswith(PACKED_NAME) and archive_suffix(p)]
     if len(found) != 1:
-        raise DataError(f"{raw_dir}: expected one {PACKED_NAME}.* archive from the download stage, "
-                        f"found {len(found)}: re-run it (dvc repro -f download)")
+        raise DataError(
+            f"{raw_dir}: expected one {PACKED_NAME}.* archive from the download stage, "
+            f"found {len(found)}: re-run it (dvc repro -f download)"
+        )
     return found[0]
-
-
-# ---- reading an archive -----------------------------------------------------------------------
-
-class Archive:
-    """Uniform access to a tar or zip archive: names of files and folders, and a single pass over
-    the bytes of chosen files (in archive order, which is fast for compressed tars)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.is_zip = archive_suffix(path) == ".zip"
-
-    def listing(self) -> tuple[list[str], list[str]]:
-        """(files, folders); links and special files are left out."""
-        try:
-            if self.is_zip:
-                with zipfile.ZipFile(self.path) as z:
-                    infos = z.infolist()
-                return ([i.filename for i in infos if not i.is_dir()],
-                        [i.filename.rstrip("/") for i in infos if i.is_dir()])
-            with tarfile.open(self.path, "r:*") as tar:
-                members = tar.getmembers()
-            return [m.name for m in members if m.isfile()], [m.name for m in members if m.isdir()]
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
-            raise DataError(f"{self.path}: not a readable archive ({exc})") from None
-
-    def read(self, wanted: set[str]) -> Iterator[tuple[str, bytes]]:
-        try:
-            if self.is_zip:
-                with zipfile.ZipFile(self.path) as z:
-                    for name in z.namelist():
-                        if name in wanted:
-                            yield name, z.read(name)
-                return
-            with tarfile.open(self.path, "r|*") as tar:  # stream mode: one sequential pass
-                for member in tar:
-                    if member.isfile() and member.name in wanted:
-                        yield member.name, tar.extractfile(member).read()
-        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
-            raise DataError(f"{self.path}: the archive is truncated or corrupt ({exc})") from None
 
 
 # ---- listing: which file goes to which split and class ----------------------------------------
 
+
 @dataclass(frozen=True)
 class Entry:
-    name: str   # path inside the archive
+    name: str  # path inside the archive
     split: str  # "train", "test" or "val" (the held-out folders mapped to these)
     label: str  # class name
 
@@ -140,26 +82,11 @@ class Listing:
     ignored: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _parts(name: str) -> tuple[str, ...]:
-    """Path components of an archive name; "./train/a.png" and "train/a.png" are the same file."""
-    return tuple(p for p in name.split("/") if p not in ("", "."))
-
-
-def _hidden(parts: tuple[str, ...]) -> bool:
-    return any(p.startswith(".") or p == "__MACOSX" for p in parts)
-
-
-def hidden(name: str) -> bool:
-    """Whether a relative path or archive name is a hidden file or system metadata (`.DS_Store`,
-    `__MACOSX/...`), which is never data."""
-    return _hidden(_parts(name))
-
-
 def list_entries(files: list[str], folders: list[str]) -> Listing:
     """Map archive paths to (split, class); collect what cannot be used. Entries keep the names as
     the archive spells them, sorted."""
-    paths = [(name, parts) for name in sorted(set(files)) if (parts := _parts(name)) and not _hidden(parts)]
-    dirs = [parts for d in folders if (parts := _parts(d)) and not _hidden(parts)]
+    paths = [(name, parts) for name in sorted(set(files)) if (parts := archive_parts(name)) and not hidden_parts(parts)]
+    dirs = [parts for d in folders if (parts := archive_parts(d)) and not hidden_parts(parts)]
     # An archive often wraps everything in one top folder (cifar10-jpg/train/...): look inside it.
     tops = {parts[0] for _, parts in paths}
     if len(tops) == 1 and all(len(parts) > 1 for _, parts in paths) and not tops & {TRAIN, *HELD_OUT}:
@@ -170,8 +97,10 @@ def list_entries(files: list[str], folders: list[str]) -> Listing:
         prefix = ""
     present = {parts[0] for _, parts in paths} | {parts[0] for parts in dirs}
     if TRAIN not in present:
-        raise DataError(f"no {TRAIN}/ folder in the image folder: expected {TRAIN}/<class>/<image> "
-                        f"(found top-level: {', '.join(sorted(present)) or 'nothing'})")
+        raise DataError(
+            f"no {TRAIN}/ folder in the image folder: expected {TRAIN}/<class>/<image> "
+            f"(found top-level: {', '.join(sorted(present)) or 'nothing'})"
+        )
     test_name = next((n for n in HELD_OUT if n in present), None)
     val_name = next((n for n in VAL_NAMES if n in present), None) if test_name == "test" else None
     role = {TRAIN: "train", **({test_name: "test"} if test_name else {}), **({val_name: "val"} if val_name else {})}
@@ -204,8 +133,10 @@ def list_entries(files: list[str], folders: list[str]) -> Listing:
 
 # ---- decoding in parallel into memory-mapped arrays -------------------------------------------
 
-def _decode_chunk(chunk: list[tuple[str, int, str, bytes]], size: int, channels: int, max_pixels: int
-                  ) -> tuple[list[tuple[str, int]], np.ndarray, list[tuple[str, str]]]:
+
+def _decode_chunk(
+    chunk: list[tuple[str, int, str, bytes]], size: int, channels: int, max_pixels: int
+) -> tuple[list[tuple[str, int]], np.ndarray, list[tuple[str, str]]]:
     """Worker: decode a chunk of (split, row, name, bytes); returns the rows done, their pixels
     stacked, and (name, error) for the files that failed."""
     rows, arrays, errors = [], [], []
@@ -219,9 +150,17 @@ def _decode_chunk(chunk: list[tuple[str, int, str, bytes]], size: int, channels:
     return rows, stacked, errors
 
 
-def decode_into(archive: Archive, plan: dict[str, tuple[str, int]], arrays: dict[str, np.ndarray],
-                size: int, channels: int, max_pixels: int, workers: int, chunk_size: int = 256,
-                on_progress: Callable[[int], None] = lambda n: None) -> list[tuple[str, str]]:
+def decode_into(
+    archive: Archive,
+    plan: dict[str, tuple[str, int]],
+    arrays: dict[str, np.ndarray],
+    size: int,
+    channels: int,
+    max_pixels: int,
+    workers: int,
+    chunk_size: int = 256,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> list[tuple[str, str]]:
     """Decode every file of `plan` (archive name -> (split, row)) exactly once, in `workers`
     processes, into `arrays[split][row]`; returns (file, error) for each file that failed.
 
@@ -240,6 +179,7 @@ def decode_into(archive: Archive, plan: dict[str, tuple[str, int]], arrays: dict
         on_progress(len(rows) + len(failed))
 
     with ProcessPoolExecutor(max_workers=workers) as pool:
+
         def submit() -> None:
             nonlocal chunk
             in_flight.append(pool.submit(_decode_chunk, chunk, size, channels, max_pixels))
@@ -261,10 +201,3 @@ def decode_into(archive: Archive, plan: dict[str, tuple[str, int]], arrays: dict
     if len(seen) != len(plan):
         raise DataError(f"{archive.path}: {len(plan) - len(seen)} listed files could not be read back")
     return errors
-
-
-def default_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
