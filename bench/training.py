@@ -263,7 +263,6 @@ def flops_per_image(model_name: str) -> float:
             tta_flip=False,
             tta_translate=0,
             train={},
-            mlflow_run_id=None,
         )
     )
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)

@@ -30,6 +30,8 @@ from imgclf.card import CARD_VERSION, ModelCard
 from imgclf.config import Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
+# Real image data for integration tests and benchmarks, beside the project (absent in a plain clone).
+DATASETS = Path(os.environ.get("IMGCLF_DATASETS", REPO.parent / "shared" / "datasets"))
 # Variables that would point the pipeline at another store, run or root than the copy's own.
 _LEAKY = (
     "MLFLOW_TRACKING_URI",
@@ -145,7 +147,6 @@ def card_for(model: str = "lenet", channels: int = 3, size: int = 32, classes: i
         tta_flip=False,
         tta_translate=0,
         train={},
-        mlflow_run_id=None,
     )
     return ModelCard(**{**values, **fields})
 

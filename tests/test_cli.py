@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import tarfile
 
 import numpy as np
@@ -129,3 +130,12 @@ def test_onnx_export_of_fastnet_keeps_its_test_time_augmentation(tmp_path):
     assert export(model, card, out, batch) < 1e-4  # onnxruntime agrees with the 6-view PyTorch model
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(metadata["tta_translate"]) == 1 and json.loads(metadata["tta_flip"]) is True
+
+
+def test_readme_python_predict_takes_files_and_arrays(built_project):
+    """The README's in-process example: the loaded model takes image files and pixel arrays alike."""
+    from conftest import readme_block
+
+    root, _ = built_project
+    proc = run([sys.executable, "-c", readme_block("python", "mlflow.pyfunc.load_model")], root)
+    assert "'class': '3'" in proc.stdout and proc.stdout.count("'top_k'") == 2

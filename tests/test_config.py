@@ -72,6 +72,8 @@ def test_image_folder_data_is_named_after_its_file(tmp_path, path, name):
         (lambda p: p["data"].update(dataset="imagefolder", path="x.tar", image_size=None), "data.image_size: required"),
         (lambda p: p["data"].update(on_bad_image="ignore"), "data.on_bad_image: must be one of"),
         (lambda p: p["data"].update(max_pixels=0), "data.max_pixels: must be >= 1"),
+        # Pillow refuses larger images before any limit of ours is asked.
+        (lambda p: p["serve"].update(max_image_pixels=200_000_000), "serve.max_image_pixels: must be <= 178,956,970"),
         (lambda p: p["data"].update(cifar100_labels="medium"), "data.cifar100_labels: must be one of"),
         (lambda p: p["register"].update(model_name="bad name/with@"), "register.model_name"),
         (lambda p: p.update(train=[1, 2]), "train: expected a mapping"),
@@ -190,6 +192,14 @@ def test_floats_as_dvc_writes_them_are_numbers(tmp_path, written, value):
     text = open(path).read().replace("lr: null", f"lr: {written}")
     open(path, "w").write(text)
     assert load_params(path).train.lr == value
+
+
+def test_the_pixel_ceiling_is_pillows():
+    from PIL import Image
+
+    from imgclf.config import PILLOW_MAX_PIXELS
+
+    assert PILLOW_MAX_PIXELS == 2 * Image.MAX_IMAGE_PIXELS
 
 
 def test_every_registered_model_is_accepted_by_params(tmp_path):

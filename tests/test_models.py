@@ -116,7 +116,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_the_model_card_round_trips_through_json():
-    card = card_for("fastnet", tta_flip=True, tta_translate=1, train={"epochs": 7}, mlflow_run_id="abc")
+    card = card_for("fastnet", tta_flip=True, tta_translate=1, train={"epochs": 7})
     assert ModelCard.from_json(card.to_json()) == card
 
 

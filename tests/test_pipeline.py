@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 import urllib.request
@@ -62,6 +63,46 @@ def test_readme_make_run_runs_the_pipeline(tmp_path):
     proc = run(command, root)
     assert "Running stage 'register'" in proc.stdout
     assert json.loads((root / "models/registration.json").read_text())["champion"] is True
+    # Nothing the run writes is left for git to show, but the results DVC records: dvc.lock and the
+    # metrics kept in git (the trained weights, and so these, can differ in their last bits between CPU
+    # kinds). The data's hashes are the same on every machine.
+    status = run(["git", "status", "--porcelain", "--untracked-files=all"], root).stdout.splitlines()
+    assert {line[3:] for line in status} <= {
+        "dvc.lock",
+        "metrics/train.json",
+        "metrics/test.json",
+        "metrics/per_class.json",
+        "metrics/train_history.csv",
+        "metrics/predictions.csv",
+        "metrics/confusion.png",
+    }, status
+    committed = yaml.safe_load(run(["git", "show", "HEAD:dvc.lock"], root).stdout)["stages"]
+    now = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    for stage in ("download", "prepare"):
+        assert now[stage] == committed[stage], stage
+
+
+def test_every_stage_reports_progress_without_a_terminal(built_project):
+    """Under a pipe (as here, in CI or under nohup) train prints a line per epoch, and evaluate and register
+    say what they do, instead of bars that print nothing until they end."""
+    _, proc = built_project
+    out = proc.stdout + proc.stderr
+    epochs = re.findall(
+        r"train: epoch (\d+)/20, loss [\d.]+ / [\d.]+ \(train / val\), accuracy [\d.]+ / [\d.]+, "
+        r"[\d,]+ img/s, \d+ (?:s|min \d+ s), ETA \d+ (?:s|min \d+ s)",
+        out,
+    )
+    assert epochs == [str(e) for e in range(1, 21)]
+    assert re.search(r"evaluate: 360/360 img \(100%\)", out)
+    assert "register: logging the model" in out
+    assert "Downloading artifacts" not in out and "Union type hint" not in out
+
+
+def test_the_experiment_opens_in_the_model_training_view(built_project):
+    """MLflow's UI shows an experiment as GenAI traces unless its kind tag says otherwise."""
+    root, _ = built_project
+    experiment = client_for(root).get_experiment_by_name("image-classifier")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_second_repro_runs_nothing(built_project):
@@ -86,7 +127,10 @@ def test_dvc_metrics_and_plots_show(built_project):
     assert test_metrics == json.loads((root / "metrics/test.json").read_text())
     run(["dvc", "plots", "show"], root)
     html = (root / "dvc_plots/index.html").read_text()
-    assert "Confusion matrix (test split)" in html and "Learning curves" in html
+    # Every declared plot, and nothing else (no stage output drawn by default, such as lr or probability).
+    assert "Loss per epoch" in html and "Accuracy per epoch" in html and "confusion.png" in html
+    assert '"lr"' not in html and '"probability"' not in html
+    assert '"cross-entropy loss"' in html  # axes named, not "y"
 
 
 def test_one_mlflow_run_holds_train_evaluate_register(built_project):
@@ -99,18 +143,21 @@ def test_one_mlflow_run_holds_train_evaluate_register(built_project):
     # every param (as resolved from the preset), per-epoch history, test metrics, artifacts, the code version
     assert run_info.data.params["train.lr"] == str(train.lr) and run_info.data.params["train.preset"] == "default"
     assert run_info.data.params["data.dataset"] == "digits"
-    history = client.get_metric_history(run_info.info.run_id, "val_accuracy")
+    history = client.get_metric_history(run_info.info.run_id, "val/accuracy")
     assert [m.step for m in history] == list(range(1, train.epochs + 1))
     for key in (
-        "train_loss",
-        "train_accuracy",
-        "val_loss",
-        "test_accuracy",
-        "test_recall_macro",
-        "test_precision_macro",
-        "test_f1_macro",
-        "test_recall_0",
-        "test_precision_9",
+        "train/loss",
+        "train/accuracy",
+        "val/loss",
+        "train/images_per_s",
+        "train/epoch_s",
+        "test/accuracy",
+        "test/recall_macro",
+        "test/precision_macro",
+        "test/f1_macro",
+        "test_per_class/recall/0",
+        "test_per_class/precision/9",
+        "system/cpu_utilization_percentage",
     ):
         assert key in run_info.data.metrics, key
     # the data version: the DVC hash of the raw data, as a tag and as the dataset input's digest

@@ -51,12 +51,16 @@ def epochs_done(root: Path, since: float) -> int:
         return 0
 
 
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
 def history(uri: str, run_id: str) -> list[int]:
-    return sorted(m.step for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "val_accuracy"))
+    return sorted(m.step for m in mlflow.MlflowClient(uri).get_metric_history(run_id, "val/accuracy"))
 
 
 def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(tmp_path):
@@ -96,7 +100,8 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(tmp_pa
     client = mlflow.MlflowClient(uri)
     (only,) = client.search_runs([client.get_experiment_by_name("image-classifier").experiment_id])
     assert history(uri, only.info.run_id) == list(range(1, 11))
-    assert json.loads((root / "models/model.json").read_text())["mlflow_run_id"] == only.info.run_id
+    assert only.data.tags["imgclf.weights_sha256"] == sha256(root / "models/model.safetensors")
+    assert "test/accuracy" in only.data.metrics  # evaluate found the run by those weights
 
 
 def torch_epoch(root: Path) -> int:
@@ -141,7 +146,7 @@ def test_tracking_server_going_away_mid_training_loses_nothing(tmp_path):
         assert "could not log epoch" in output  # it noticed, and carried on
         receipt = json.loads((root / "models/registration.json").read_text())
         assert history(uri, receipt["run_id"]) == list(range(1, 15))
-        assert "test_accuracy" in mlflow.MlflowClient(uri).get_run(receipt["run_id"]).data.metrics
+        assert "test/accuracy" in mlflow.MlflowClient(uri).get_run(receipt["run_id"]).data.metrics
     finally:
         stop(server)
 
@@ -173,7 +178,7 @@ def test_four_queued_experiments_on_two_workers_land_in_one_store(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("image-classifier").experiment_id])
     queued = [r for r in runs if r.data.params.get("train.seed") in {"1", "2", "3", "4"}]
     assert sorted(r.data.params["train.seed"] for r in queued) == ["1", "2", "3", "4"]
-    assert all(r.info.status == "FINISHED" and "test_accuracy" in r.data.metrics for r in queued)
+    assert all(r.info.status == "FINISHED" and "test/accuracy" in r.data.metrics for r in queued)
     assert len(client.search_model_versions("name='digits-lenet'")) == 5
 
 

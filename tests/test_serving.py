@@ -208,7 +208,7 @@ def _bad_requests(good: bytes) -> dict[str, tuple[bytes, str, int, str]]:
             as_json({"inputs": [_b64(_png_claiming(20_000, 20_000))]}),
             "application/json",
             413,
-            "input 0: too many pixels, over the limit",
+            "input 0: more than 178,956,970 pixels, over the limit of 40,000,000",
         ),
         "wrong content type": (b"inputs=1", "text/plain", 415, "Content-Type: application/json"),
         "50 MB body": (

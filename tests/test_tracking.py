@@ -96,6 +96,6 @@ def test_a_lost_request_logs_each_epoch_exactly_once(relay, lose, monkeypatch, c
     logger.add(2, {"val_accuracy": 0.6, "train_loss": 0.8})
     logger.flush(final=True)
 
-    for key, values in {"val_accuracy": [0.5, 0.6], "train_loss": [1.0, 0.8]}.items():
+    for key, values in {"val/accuracy": [0.5, 0.6], "train/loss": [1.0, 0.8]}.items():
         history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
         assert history == [(1, values[0]), (2, values[1])], key

@@ -8,7 +8,7 @@ import re
 import mlflow
 import pytest
 
-from conftest import fresh_copy, run
+from conftest import fresh_copy, readme_command, run
 
 pytestmark = pytest.mark.integration
 
@@ -41,6 +41,19 @@ def runs_of(root) -> list:
     return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
 
 
+def test_an_identical_rerun_registers_no_second_version(project):
+    """Forced, every stage runs again with the same code, params and data: the weights come out the same,
+    and register finds the version that already holds them instead of adding one."""
+    before = json.loads((project / "models/registration.json").read_text())
+    proc = run(["dvc", "repro", "-f"], project)
+    assert "Running stage 'register'" in proc.stdout
+    assert "it already held this model" in proc.stdout
+    client = client_for(project)
+    assert [v.version for v in client.search_model_versions("name='digits-lenet'")] == [1]
+    after = json.loads((project / "models/registration.json").read_text())
+    assert after["version"] == before["version"] == "1" and after["champion"]
+
+
 def test_changing_lr_reruns_train_evaluate_register_only(project):
     before = json.loads((project / "models/registration.json").read_text())
     set_param(project, "train", "lr", "0.001")
@@ -68,7 +81,11 @@ def test_dvc_exp_run_lands_in_the_same_store(project):
     exp_name = exp_run.data.tags["dvc_exp_name"]
     assert exp_run.info.run_name == exp_name
     assert exp_name in run(["dvc", "exp", "show", "--no-pager"], project, COLUMNS="400").stdout
-    assert "test_accuracy" in exp_run.data.metrics
+    # The README's narrower view: only what differs between the experiments shown.
+    narrow = run(readme_command("dvc exp show --only-changed").split() + ["--no-pager"], project, COLUMNS="400").stdout
+    assert exp_name in narrow and "train.epochs" in narrow and "test.json" in narrow
+    assert "data.dataset" not in narrow and "src/imgclf" not in narrow
+    assert "test/accuracy" in exp_run.data.metrics
 
 
 def test_queued_experiment_lands_in_the_root_store(project):
@@ -76,7 +93,7 @@ def test_queued_experiment_lands_in_the_root_store(project):
     run(["dvc", "exp", "run", "--queue", "-S", "train.epochs=1"], project)
     run(["dvc", "exp", "run", "--run-all"], project)
     runs = [r for r in runs_of(project) if r.data.params.get("train.epochs") == "1"]
-    assert len(runs) == 1 and "test_accuracy" in runs[0].data.metrics
+    assert len(runs) == 1 and "test/accuracy" in runs[0].data.metrics
     assert not list((project / ".dvc/tmp/exps").glob("**/mlflow.db"))
 
 
@@ -87,5 +104,5 @@ def test_mlproject_runs_the_pipeline(tmp_path):
     (only,) = runs_of(root)
     # The pipeline continued the run `mlflow run` opened, so there is one run holding everything.
     assert only.data.tags.get("mlflow.project.entryPoint") == "main"
-    assert "test_accuracy" in only.data.metrics and "val_accuracy" in only.data.metrics
+    assert "test/accuracy" in only.data.metrics and "val/accuracy" in only.data.metrics
     assert json.loads((root / "models/registration.json").read_text())["run_id"] == only.info.run_id

@@ -34,7 +34,8 @@ class ModelCard:
     tta_flip: bool  # test-time augmentation in eval mode (see models.Classifier)
     tta_translate: int
     train: dict[str, Any]  # the resolved train section it was trained with
-    mlflow_run_id: str | None  # the pipeline run that trained it (None until the run starts)
+    # No MLflow run id: the same code, params and data must give the same file (DVC records its hash); the
+    # run that trained a model is found by the hash of its weights (tracking.resume_pipeline_run).
 
     def __post_init__(self) -> None:
         _check_version(self.card_version)
@@ -95,7 +96,6 @@ _TYPES: dict[str, tuple[str, Any]] = {
     "tta_flip": ("true or false", lambda v: isinstance(v, bool)),
     "tta_translate": ("an integer", lambda v: _is_int(v)),
     "train": ("a mapping", lambda v: isinstance(v, dict)),
-    "mlflow_run_id": ("a string or null", lambda v: v is None or isinstance(v, str)),
 }
 
 

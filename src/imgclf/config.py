@@ -59,6 +59,10 @@ def _bounded(
     return field(metadata={"ge": ge, "gt": gt, "le": le, "lt": lt, "pattern": pattern})
 
 
+# Pillow refuses to open an image of more pixels than this (twice its Image.MAX_IMAGE_PIXELS), before any
+# limit of ours is asked: a pixel limit above it could never be reached.
+PILLOW_MAX_PIXELS = 178_956_970
+
 # Model names in the registry must be usable in a `models:/<name>@champion` URI.
 _MODEL_NAME = r"[A-Za-z0-9][A-Za-z0-9_.\-]*"
 
@@ -80,7 +84,7 @@ class DataConfig:
     # What prepare does with a corrupt, truncated, oversized or non-image file: fail or skip it.
     on_bad_image: Literal["fail", "skip"]
     # Largest image accepted, in pixels (width x height, read from the file header).
-    max_pixels: int = _bounded(ge=1)
+    max_pixels: int = _bounded(ge=1, le=PILLOW_MAX_PIXELS)
     raw_dir: str
 
     @property
@@ -202,7 +206,7 @@ class ServeConfig:
 
     max_request_bytes: int = _bounded(ge=1)  # a whole request body
     max_image_bytes: int = _bounded(ge=1)  # one encoded image file
-    max_image_pixels: int = _bounded(ge=1)  # width x height of one image, read from its header
+    max_image_pixels: int = _bounded(ge=1, le=PILLOW_MAX_PIXELS)  # width x height of one image, from its header
     max_images: int = _bounded(ge=1)  # images in one request
     top_k: int = _bounded(ge=1)  # classes returned per image, most probable first
 
@@ -437,7 +441,8 @@ def _check_limits(key: str, value: Any, limits: typing.Mapping[str, Any]) -> Non
     for name, symbol, ok in checks:
         bound = limits.get(name)
         if bound is not None and not ok(value, bound):
-            raise ConfigError(f"{key}: must be {symbol} {bound:g}, got {value!r}")
+            shown = f"{bound:,}" if isinstance(bound, int) else f"{bound:g}"
+            raise ConfigError(f"{key}: must be {symbol} {shown}, got {value!r}")
     pattern = limits.get("pattern")
     if pattern is not None and not re.fullmatch(pattern, value):
         raise ConfigError(f"{key}: {value!r} does not match the pattern {pattern}")

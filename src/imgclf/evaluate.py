@@ -29,7 +29,8 @@ from imgclf.allocator import keep_freed_memory
 from imgclf.config import Params, stage_params
 from imgclf.devices import resolve_device
 from imgclf.files import write_bytes, write_json
-from imgclf.models import load_checkpoint_dir, predict_proba
+from imgclf.models import WEIGHTS_FILE, load_checkpoint_dir, predict_proba
+from imgclf.progress import Progress
 from imgclf.tracking import resume_pipeline_run
 
 
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     labels = np.load(prepared / "test_labels.npy")
     device = resolve_device(params.train.device)
     keep_freed_memory()  # as train does: no fresh pages for every batch
-    probs = predict_proba(model.to(device), images, params.evaluate.batch_size, device)
+    with Progress("evaluate", len(images), "img") as progress:
+        probs = predict_proba(model.to(device), images, params.evaluate.batch_size, device, on_batch=progress.update)
     classes = list(card.classes)
     result = report(labels, probs, classes)
 
@@ -113,11 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     write_bytes(out / "predictions.csv", predictions_csv(labels, probs, classes))
     write_bytes(out / "confusion.png", confusion_png(result.confusion, classes))
 
-    with resume_pipeline_run(params.mlflow.experiment_name, card.mlflow_run_id):
-        mlflow.log_metrics({f"test_{k}": v for k, v in result.metrics.items()})
+    with resume_pipeline_run(params.mlflow.experiment_name, Path(params.train.model_dir) / WEIGHTS_FILE):
+        # Grouped by prefix in the MLflow UI: the headline numbers first, the per-class ones apart.
+        mlflow.log_metrics({f"test/{k}": v for k, v in result.metrics.items()})
         mlflow.log_metrics(
             {
-                f"test_{kind}_{_metric_key(name)}": values[kind]
+                f"test_per_class/{kind}/{_metric_key(name)}": values[kind]
                 for name, values in result.per_class.items()
                 for kind in ("recall", "precision")
             }

@@ -47,8 +47,9 @@ def decode(data: bytes, size: int, channels: int, max_pixels: int | None = None)
             return to_array(image, size, channels)
     except ImageError:
         raise
-    except Image.DecompressionBombError as exc:  # Pillow's own backstop, checked when it opens the file
-        raise ImageTooLarge(f"too many pixels, over the limit: {exc}") from None
+    except Image.DecompressionBombError:  # Pillow's own backstop, checked when it opens the file
+        limit = f"the limit of {max_pixels:,}" if max_pixels is not None else "Pillow's limit"
+        raise ImageTooLarge(f"more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, over {limit}") from None
     except UnidentifiedImageError:
         raise ImageError(f"not an image file Pillow can read ({len(data)} bytes)") from None
     except (OSError, ValueError, SyntaxError) as exc:

@@ -62,6 +62,14 @@ def lineage(model_uri: str) -> dict[str, Any]:
     }
 
 
+def _experiment(name: str | None, commit: str | None) -> str:
+    """The experiment's name, and where `dvc exp list` shows it: among the experiments of its baseline
+    commit, which is not HEAD once anything was committed after it."""
+    if not name:
+        return "-"
+    return f"{name} (dvc exp list --rev {commit[:7]})" if commit else name
+
+
 def render(info: dict[str, Any]) -> str:
     model, run, code = info["model"], info["run"], info["code"]
     dirty = {"true": "with uncommitted changes", "false": "clean"}.get(code["git_dirty"], "state unknown")
@@ -69,7 +77,7 @@ def render(info: dict[str, Any]) -> str:
         f"model      {model['name']} version {model['version']} (aliases: {', '.join(model['aliases']) or 'none'})",
         f"run        {run['id']} ({run['name']}, experiment {run['experiment']}, {run['status']})",
         f"code       git commit {code['git_commit'] or 'unknown'} ({dirty})",
-        f"DVC exp    {info['dvc_experiment'] or '-'}",
+        f"DVC exp    {_experiment(info['dvc_experiment'], code['git_commit'])}",
     ]
     for item in info["data"]["inputs"]:
         lines.append(f"data       {item['name']} (digest {item['digest']})")
@@ -82,7 +90,7 @@ def render(info: dict[str, Any]) -> str:
         + ", ".join(
             f"{k}={v:.4g}"
             for k, v in info["metrics"].items()
-            if k.startswith(("test_accuracy", "val_accuracy", "test_f1"))
+            if k in ("test/accuracy", "val/accuracy", "test/f1_macro")
         )
     )
     return "\n".join(lines)

@@ -6,6 +6,7 @@ serving.py so that importing the package never calls `set_model`.
 
 import mlflow
 
-from imgclf.serving import ImageClassifier
+from imgclf.serving import ImageClassifier, quiet_union_hint_notice
 
+quiet_union_hint_notice()  # before MLflow reads predict's type hints, which it does once this file has run
 mlflow.models.set_model(ImageClassifier())

@@ -354,13 +354,18 @@ def to_nchw(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @torch.inference_mode()
 def predict_proba(
-    model: Classifier, images: np.ndarray, batch_size: int = 512, device: torch.device | None = None
+    model: Classifier,
+    images: np.ndarray,
+    batch_size: int = 512,
+    device: torch.device | None = None,
+    on_batch: Callable[[int], None] = lambda n: None,
 ) -> np.ndarray:
-    """uint8 (N, H, W, C) -> float32 class probabilities (N, classes)."""
+    """uint8 (N, H, W, C) -> float32 class probabilities (N, classes); `on_batch(n)` after each batch of n."""
     device = device or next(model.parameters()).device
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         batch = to_nchw(images[start : start + batch_size], device)
         out.append(torch.softmax(model(batch).float(), dim=1).cpu().numpy())
+        on_batch(len(batch))
     return np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)

@@ -23,7 +23,6 @@ import numpy as np
 from numpy.lib.format import open_memmap
 from PIL import Image
 from sklearn.model_selection import train_test_split
-from tqdm import tqdm
 
 from imgclf.config import Params, stage_params
 from imgclf.cpus import available_cpus
@@ -33,6 +32,7 @@ from imgclf.data.datasets import read_arrays
 from imgclf.data.types import DataError, RawData
 from imgclf.files import staged_dir, write_json
 from imgclf.images import to_array
+from imgclf.progress import Progress
 
 SPLITS = ("train", "val", "test")
 
@@ -147,9 +147,9 @@ def prepare_imagefolder(archive_path: Path, params: Params, out: Path) -> dict:
         plan.update({e.name: (split, row) for row, e in enumerate(by_split[split])})
 
     workers = params.prepare.workers or available_cpus()
-    with tqdm(total=len(plan), desc="decode", unit="img", disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
+    with Progress("prepare: decoding", len(plan), "img") as progress:
         failed = imagefolder.decode_into(
-            archive, plan, arrays, size, channels, cfg.max_pixels, workers, on_progress=bar.update
+            archive, plan, arrays, size, channels, cfg.max_pixels, workers, on_progress=progress.update
         )
     problems = sorted(listing.problems + failed)
     if problems and cfg.on_bad_image == "fail":

@@ -8,12 +8,15 @@ became champion). The model is logged with MLflow's "models from code" (model_co
 source, weights as safetensors, so loading it unpickles nothing.
 
 The alias `champion` moves to the new version only when its validation accuracy beats the current
-champion's (the first version always becomes champion).
+champion's (the first version always becomes champion). A model already registered (the same weights,
+card, limits and code: an identical re-run) is not registered again: the receipt names that version.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import tempfile
 from dataclasses import asdict, dataclass
@@ -24,15 +27,16 @@ import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 
-from imgclf.card import ModelCard
 from imgclf.config import Params, stage_params
 from imgclf.files import write_json
 from imgclf.images import encode_png
 from imgclf.models import CARD_FILE, WEIGHTS_FILE
-from imgclf.serving import LIMITS_ARTIFACT
+from imgclf.serving import LIMITS_ARTIFACT, quiet_union_hint_notice
 from imgclf.tracking import log_dvc_hashes, resume_pipeline_run
 
 ALIAS = "champion"
+# A registered version's tag: the hash of what it serves (content_key).
+CONTENT_TAG = "imgclf.content_sha256"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -53,9 +57,26 @@ def is_better(candidate: float, champion: float | None) -> bool:
     return champion is None or candidate > champion
 
 
+# What the served model's code imports (model_code.py and the package modules it reaches), as the
+# distributions that provide them: torchvision builds resnet18 and torchvision:* models, PyYAML reads configs,
+# pydantic types the output schema (tests/test_stages.py derives the list from the imports).
+SERVED_DISTRIBUTIONS = ("mlflow", "torch", "torchvision", "numpy", "pillow", "safetensors", "pyyaml", "pydantic")
+
+
 def pip_requirements() -> list[str]:
     """What the served model imports, pinned to the versions it was logged with."""
-    return [f"{name}=={version(name)}" for name in ("mlflow", "torch", "numpy", "pillow", "safetensors")]
+    return [f"{name}=={version(name)}" for name in SERVED_DISTRIBUTIONS]
+
+
+def content_key(model_dir: Path, limits: dict) -> str:
+    """What makes two registered versions the same model: the weights, the card, the serving limits and
+    the package's code. An identical re-run (the same code, params and data) gives the same key."""
+    digest = hashlib.sha256()
+    for path in [model_dir / WEIGHTS_FILE, model_dir / CARD_FILE, *sorted(PACKAGE_DIR.rglob("*.py"))]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    digest.update(json.dumps(limits, sort_keys=True).encode())
+    return digest.hexdigest()
 
 
 def champion_accuracy(client, name: str) -> tuple[str | None, float | None]:
@@ -66,13 +87,23 @@ def champion_accuracy(client, name: str) -> tuple[str | None, float | None]:
         return None, None
     if "val_accuracy" in current.tags:
         return str(current.version), float(current.tags["val_accuracy"])
-    metrics = client.get_run(current.run_id).data.metrics
-    return str(current.version), metrics.get("val_accuracy")
+    return str(current.version), client.get_run(current.run_id).data.metrics.get("val/accuracy")
+
+
+def same_model(client, name: str, key: str) -> str | None:
+    """The version of `name` that already holds this model (see content_key), if any."""
+    try:
+        found = client.search_model_versions(f"name = '{name}' and tags.`{CONTENT_TAG}` = '{key}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    return str(min(int(v.version) for v in found)) if found else None
 
 
 def log_model(model_dir: Path, example: np.ndarray, serving: dict):
     """Log the checkpoint as a "models from code" pyfunc with the package source beside it, and the
     serving limits."""
+    files = [encode_png(image) for image in example]
+    quiet_union_hint_notice()
     with tempfile.TemporaryDirectory() as tmp:
         limits = Path(tmp) / LIMITS_ARTIFACT
         limits.write_text(json.dumps(serving))
@@ -85,7 +116,7 @@ def log_model(model_dir: Path, example: np.ndarray, serving: dict):
                 "serving": str(limits),
             },
             code_paths=[str(PACKAGE_DIR)],
-            input_example=[encode_png(image) for image in example],
+            input_example=files,
             pip_requirements=pip_requirements(),
         )
 
@@ -100,23 +131,37 @@ def model_name(params: Params) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     params: Params = stage_params(argv, __doc__)
+    # MLflow draws a progress bar for every artifact it downloads or uploads: three for one model here.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     model_dir = Path(params.train.model_dir)
-    card = ModelCard.read(model_dir / CARD_FILE)
     val_accuracy = float(json.loads((Path(params.train.metrics_dir) / "train.json").read_text())["val_accuracy"])
     example = np.load(Path(params.prepare.out_dir) / "test_images.npy", mmap_mode="r")[:2]
-
+    limits = asdict(params.serve)
     name = model_name(params)
-    with resume_pipeline_run(params.mlflow.experiment_name, card.mlflow_run_id) as run:
-        info = log_model(model_dir, example, asdict(params.serve))
+    key = content_key(model_dir, limits)
+    with resume_pipeline_run(params.mlflow.experiment_name, model_dir / WEIGHTS_FILE) as run:
         client = mlflow.MlflowClient()
+        version = same_model(client, name, key)
+        if version is None:
+            print(f"register: logging the model ({WEIGHTS_FILE}, {CARD_FILE}, the serving limits, the code)")
+            info = log_model(model_dir, example, limits)
+            tags = {"val_accuracy": str(val_accuracy), CONTENT_TAG: key}
+            version = str(mlflow.register_model(info.model_uri, name, tags=tags).version)
+            note = ""
+        else:  # an identical re-run, or a run killed before it moved the alias: finish that version
+            note = " (it already held this model: same weights, card, limits and code; nothing added)"
         previous, previous_accuracy = champion_accuracy(client, name)
-        version = mlflow.register_model(info.model_uri, name, tags={"val_accuracy": str(val_accuracy)}).version
-        champion = is_better(val_accuracy, previous_accuracy)
-        if champion:
+        champion = previous == version or is_better(val_accuracy, previous_accuracy)
+        if champion and previous != version:
             client.set_registered_model_alias(name, ALIAS, version)
+        if previous == version:  # already champion: the comparison is with the one before it
+            previous, previous_accuracy = None, None
+        # No run tag says "champion": the alias moves on, and a tag would go stale. The alias is the truth.
+        mlflow.set_tag("registered_model", f"{name}/{version}")
+        log_dvc_hashes({"model": str(model_dir / WEIGHTS_FILE)})  # dvc.lock has train's outputs by now
         receipt = Receipt(
             name,
-            str(version),
+            version,
             run.info.run_id,
             f"models:/{name}/{version}",
             val_accuracy,
@@ -124,11 +169,9 @@ def main(argv: list[str] | None = None) -> None:
             previous,
             previous_accuracy,
         )
-        mlflow.set_tags({"registered_model": f"{name}/{version}", "champion": str(champion).lower()})
-        log_dvc_hashes({"model": str(model_dir / WEIGHTS_FILE)})  # dvc.lock has train's outputs by now
     write_json(params.register.receipt, asdict(receipt))
-    verdict = "now champion" if champion else f"champion stays version {previous}"
-    print(f"register: {name} version {version} (val_accuracy {val_accuracy:.4f}): {verdict}")
+    verdict = "champion" if champion else f"champion stays version {previous}"
+    print(f"register: {name} version {version}{note} (val_accuracy {val_accuracy:.4f}): {verdict}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 import os
 import sys
 import threading
@@ -31,6 +32,7 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import pydantic
 from mlflow.exceptions import INVALID_PARAMETER_VALUE, MlflowException
 from mlflow.pyfunc import scoring_server
 from PIL import Image
@@ -41,6 +43,30 @@ from imgclf.models import load_checkpoint, predict_proba
 from imgclf.tracking import StoreUnavailable, use_store
 
 LIMITS_ARTIFACT = "serving.json"  # the `serve` section, as register stored it with the model
+
+
+# What the model answers per image: the output schema MLflow records with it. (Created by name: "class"
+# is a Python keyword, and MLflow names the fields as the model class does.)
+TopClass = pydantic.create_model("TopClass", **{"class": (str, ...), "index": (int, ...), "probability": (float, ...)})
+Prediction = pydantic.create_model(
+    "Prediction",
+    **{"class": (str, ...), "index": (int, ...), "probability": (float, ...), "top_k": (list[TopClass], ...)},
+)
+
+
+class _UnionHintNotice(logging.Filter):
+    """Drops MLflow's notice that predict's input hint (bytes or str) is "any" to it: that is known, and
+    ImageClassifier checks every input itself. Other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Union type hint is inferred as AnyType")
+
+
+def quiet_union_hint_notice() -> None:
+    """Install the filter once (model_code.py, which MLflow runs when it loads the model, and register)."""
+    hints = logging.getLogger("mlflow.types.type_hints")
+    if not any(isinstance(f, _UnionHintNotice) for f in hints.filters):
+        hints.addFilter(_UnionHintNotice())
 
 
 class RequestError(ValueError):
@@ -65,6 +91,9 @@ def predictions(probs: np.ndarray, classes: list[str], top_k: int) -> list[dict[
 def decode_base64(text: Any, index: int, max_bytes: int) -> bytes:
     if not isinstance(text, str):
         raise RequestError(400, f"input {index}: expected a base64 string, got {type(text).__name__}")
+    # MIME-style base64 breaks lines every 76 characters (Python's base64.encodebytes, MLflow's own
+    # serving examples): line breaks and spaces are not data. (The body's size is already bounded.)
+    text = "".join(text.split())
     if len(text) > (max_bytes + 2) // 3 * 4 + 4:  # the decoded size, known before decoding
         raise RequestError(413, f"input {index}: the image is over the limit of {max_bytes:,} bytes")
     try:
@@ -139,11 +168,11 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         if os.environ.get(scoring_server._SERVER_MODEL_PATH):  # loaded by `mlflow models serve`
             install_guard()
 
-    def decode_all(self, files: list[bytes]) -> np.ndarray:
+    def decode_all(self, files: list[bytes], first_index: int = 0) -> np.ndarray:
         """Image files -> uint8 (N, size, size, channels); RequestError naming the first bad one."""
         size, channels = self.card.image_size, self.card.channels
         arrays = []
-        for i, data in enumerate(files):
+        for i, data in enumerate(files, start=first_index):
             if len(data) > self.limits.max_image_bytes:
                 raise RequestError(
                     413, f"input {i}: {len(data):,} bytes, over the limit of {self.limits.max_image_bytes:,}"
@@ -174,18 +203,44 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             probs = predict_proba(self.model, pixels)
         return predictions(probs, list(self.card.classes), self.limits.top_k)
 
-    # No return annotation: MLflow derives the output schema from it, and a list of dicts of mixed
-    # values has no stricter schema than "any", for which it warns on every log_model.
-    def predict(self, model_input: list[bytes], params: dict[str, Any] | None = None):
-        """Image files in, one dict of `predictions` per image out (in process; the served model goes
-        through the guard)."""
+    def pixels_of(self, item: Any, index: int) -> np.ndarray:
+        """One image as the HTTP API takes it, for Python callers: an image file's bytes, its base64 text,
+        or uint8 pixels (H, W) or (H, W, C) -> uint8 (size, size, channels)."""
+        if isinstance(item, str):
+            item = decode_base64(item, index, self.limits.max_image_bytes)
+        if isinstance(item, (bytes, bytearray)):
+            return self.decode_all([bytes(item)], first_index=index)[0]
+        if isinstance(item, np.ndarray):
+            array = item[..., None] if item.ndim == 2 else item
+            if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+                raise RequestError(
+                    400,
+                    f"input {index}: an array must be uint8 (H, W) or (H, W, C) with C 1, 3 "
+                    f"or 4, got {item.dtype} {item.shape}",
+                )
+            if array.shape[0] * array.shape[1] > self.limits.max_image_pixels:
+                raise RequestError(
+                    413,
+                    f"input {index}: {array.shape[0] * array.shape[1]:,} pixels, over the "
+                    f"limit of {self.limits.max_image_pixels:,}",
+                )
+            return self.conform(array[None])[0]
+        raise RequestError(
+            400, f"input {index}: expected image file bytes, base64 text or a uint8 array, got {type(item).__name__}"
+        )
+
+    # The type hints are MLflow's signature: any mix of the kinds pixels_of takes in (MLflow cannot say
+    # "bytes, str or array" more precisely than "any"), one Prediction per image out.
+    def predict(self, model_input: list[bytes | str], params: dict[str, Any] | None = None) -> list[Prediction]:
+        """Images in, as the HTTP API takes them (see pixels_of); one prediction per image out. In
+        process: the served model goes through the guard, with the same checks and limits."""
         if len(model_input) > self.limits.max_images:
             raise MlflowException(
                 f"{len(model_input)} images, over the limit of {self.limits.max_images}",
                 error_code=INVALID_PARAMETER_VALUE,
             )
         try:
-            return self.classify(self.decode_all(model_input))
+            return self.classify(np.stack([self.pixels_of(item, i) for i, item in enumerate(model_input)]))
         except RequestError as exc:
             raise MlflowException(exc.message, error_code=INVALID_PARAMETER_VALUE) from None
 

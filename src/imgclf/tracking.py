@@ -8,6 +8,7 @@ overrides the store. Nothing here runs at import time.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
@@ -24,6 +25,21 @@ from mlflow.exceptions import MlflowException
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlruns"
+# The UI opens an experiment in its model-training view, not its GenAI (traces) view, with this tag.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# The run that trained a model is found by the hash of its weights (the model files stay free of run ids,
+# so that the same code, params and data give the same DVC outputs).
+WEIGHTS_TAG = "imgclf.weights_sha256"
+# Per-epoch metrics under the names the MLflow UI groups by their prefix ("train/", "val/").
+EPOCH_METRICS = {
+    "train_loss": "train/loss",
+    "train_accuracy": "train/accuracy",
+    "val_loss": "val/loss",
+    "val_accuracy": "val/accuracy",
+    "lr": "train/lr",
+    "images_per_s": "train/images_per_s",
+    "epoch_s": "train/epoch_s",
+}
 
 
 def project_root() -> Path:
@@ -70,11 +86,14 @@ def configure(experiment_name: str) -> str:
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:  # an experiment made before this tag was set
+                client.set_experiment_tag(experiment.experiment_id, key, value)
         return experiment.experiment_id
     # Artifacts of the default store live beside it, whichever folder DVC runs the stage in.
     location = None if user_uri else (project_root() / ARTIFACTS_DIR).as_uri()
     try:
-        return client.create_experiment(experiment_name, artifact_location=location)
+        return client.create_experiment(experiment_name, artifact_location=location, tags=EXPERIMENT_KIND)
     except MlflowException:
         # Another process created it between the lookup and the create.
         experiment = client.get_experiment_by_name(experiment_name)
@@ -112,10 +131,13 @@ def start_pipeline_run(experiment_name: str, resume_run_id: str | None = None):
     and `resume_run_id` (training resumed from a checkpoint) the run that checkpoint belongs to."""
     experiment_id = configure(experiment_name)
     run_id = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
+    # CPU and memory (and GPU, with nvidia-ml-py) sampled in the background while training runs.
     if run_id:
-        run = mlflow.start_run(run_id=run_id)
+        run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
     else:
-        run = mlflow.start_run(experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"))
+        run = mlflow.start_run(
+            experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"), log_system_metrics=True
+        )
     tags = git_state()
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
@@ -123,17 +145,39 @@ def start_pipeline_run(experiment_name: str, resume_run_id: str | None = None):
     return run
 
 
-def resume_pipeline_run(experiment_name: str, run_id: str):
-    """Continue the run the train stage started (evaluate and register log into it)."""
-    configure(experiment_name)
-    try:
-        mlflow.MlflowClient().get_run(run_id)
-    except MlflowException:
+def tag_weights(weights: str | Path) -> str:
+    """Tag the active run as the one that trained these weights; returns their hash."""
+    digest = sha256_file(weights)
+    mlflow.set_tag(WEIGHTS_TAG, digest)
+    return digest
+
+
+def resume_pipeline_run(experiment_name: str, weights: str | Path):
+    """Continue the run of the train stage that wrote `weights` (evaluate and register log into it): the
+    latest run tagged with their hash, in the same DVC experiment when DVC runs one."""
+    experiment_id = configure(experiment_name)
+    digest = sha256_file(weights)
+    query = f"tags.`{WEIGHTS_TAG}` = '{digest}'"
+    if os.environ.get("DVC_EXP_NAME"):
+        query += f" and tags.dvc_exp_name = '{os.environ['DVC_EXP_NAME']}'"
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if not runs:
         raise SystemExit(
-            f"error: MLflow run {run_id} (recorded by the train stage) is not in the tracking "
-            f"store {mlflow.get_tracking_uri()}: re-run the train stage against this store"
-        ) from None
-    return mlflow.start_run(run_id=run_id)
+            f"error: no MLflow run in the tracking store {mlflow.get_tracking_uri()} (experiment "
+            f"{experiment_name!r}) trained {weights} (sha256 {digest[:12]}...): re-run the train stage against "
+            "this store (dvc repro -f train)"
+        )
+    return mlflow.start_run(run_id=runs[0].info.run_id)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def dvc_outputs(lock_file: str | Path = "dvc.lock") -> dict[str, dict]:
@@ -192,7 +236,7 @@ class EpochLogger:
     the epoch ends, and re-sent identical (MLflow's SQL store keeps one row per key, timestamp, step
     and value), and after a failure the steps the store holds are read again before re-sending."""
 
-    def __init__(self, run_id: str, key: str = "val_accuracy") -> None:
+    def __init__(self, run_id: str, key: str = EPOCH_METRICS["val_accuracy"]) -> None:
 
         self.client = mlflow.MlflowClient()
         self.run_id = run_id
@@ -206,10 +250,11 @@ class EpochLogger:
         return {m.step for m in self.client.get_metric_history(self.run_id, self.key)}
 
     def add(self, epoch: int, metrics: dict[str, float]) -> None:
-
+        """One epoch's metrics, named as train_history.csv names them (logged as EPOCH_METRICS names)."""
         if epoch not in self.logged:
             now = int(time.time() * 1000)
-            self.pending.append((epoch, [Metric(k, v, now, epoch) for k, v in metrics.items()]))
+            batch = [Metric(EPOCH_METRICS.get(k, k), v, now, epoch) for k, v in metrics.items()]
+            self.pending.append((epoch, batch))
         self.flush()
 
     def _send(self) -> None:

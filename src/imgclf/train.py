@@ -20,9 +20,11 @@ import csv
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -45,6 +47,7 @@ from imgclf.files import write_bytes, write_json
 from imgclf.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    WEIGHTS_FILE,
     Classifier,
     ModelError,
     build,
@@ -54,7 +57,8 @@ from imgclf.models import (
 )
 from imgclf.models import save_checkpoint as save_model
 from imgclf.optim import make_optimizer, make_scheduler
-from imgclf.tracking import EpochLogger, StoreUnavailable, log_data_lineage, start_pipeline_run
+from imgclf.progress import epoch_line, in_terminal
+from imgclf.tracking import EpochLogger, StoreUnavailable, log_data_lineage, start_pipeline_run, tag_weights
 
 # How often (in steps) the device is asked whether the loss went non-finite: asking syncs a GPU.
 DIVERGENCE_CHECK_EVERY = 50
@@ -292,7 +296,6 @@ def new_card(params: Params, data_meta: dict[str, Any]) -> ModelCard:
         tta_flip=cfg.tta_flip,
         tta_translate=cfg.tta_translate,
         train=dataclasses.asdict(cfg),
-        mlflow_run_id=None,
     )
 
 
@@ -383,6 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     deterministic_environment(os.environ, cfg)
     keep_freed_memory()  # ~1.2x the images/s on the CPU for nets with large activations (bench/allocator.py)
+    # MLflow's system-metrics monitor says "started", "stopping", "terminated" at INFO in every run.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     # A store that hiccups during training must not stall it for minutes (MLflow's default retries).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
@@ -410,41 +415,61 @@ def main(argv: list[str] | None = None) -> None:
             logger.add(row["epoch"], {k: v for k, v in row.items() if k != "epoch"})
         history_file = Path(cfg.metrics_dir) / "train_history.csv"
         remaining = cfg.epochs - (state["epoch"] if state else 0)
+        clock = {"start": time.monotonic(), "epoch": time.monotonic()}
 
         def end_of_epoch(training: Training, metrics: dict[str, float]) -> None:
             checkpoint.save(
                 {**training.state_dict(), "fingerprint": fingerprint, "mlflow_run_id": run_id}, cfg.checkpoint_dir
             )
             write_bytes(history_file, history_csv(training.history))
-            logger.add(training.epoch, metrics)
-            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_accuracy']:.3f}")
-
-        with tqdm(
-            total=remaining * math.ceil(len(train.labels) / cfg.batch_size),
-            desc="train",
-            unit="batch",
-            disable=not sys.stderr.isatty(),
-            file=sys.stderr,
-        ) as bar:
-            try:
-                result = fit(
-                    params,
-                    card,
-                    train,
-                    val,
-                    device,
-                    resume=state,
-                    on_step=lambda _: bar.update(),
-                    on_epoch=end_of_epoch,
+            now = time.monotonic()
+            epoch_s, clock["epoch"] = now - clock["epoch"], now
+            images_per_s = len(train.labels) / epoch_s
+            # The timings go to MLflow only: the history file is a DVC output, the same for the same inputs.
+            logger.add(training.epoch, {**metrics, "images_per_s": images_per_s, "epoch_s": epoch_s})
+            if bar is not None:
+                bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_accuracy']:.3f}")
+            else:  # no terminal: one line per epoch instead of a bar that prints nothing until the end
+                done = training.epoch - (cfg.epochs - remaining)
+                print(
+                    epoch_line(
+                        training.epoch,
+                        cfg.epochs,
+                        metrics,
+                        images_per_s,
+                        now - clock["start"],
+                        cfg.epochs - training.epoch,
+                        (now - clock["start"]) / done,
+                    ),
+                    file=sys.stderr,
+                    flush=True,
                 )
-            except (Diverged, ModelError) as exc:
-                raise SystemExit(f"error: {exc}") from None
+
+        steps = remaining * math.ceil(len(train.labels) / cfg.batch_size)
+        bar = tqdm(total=steps, desc="train", unit="batch", file=sys.stderr) if in_terminal() else None
+        try:
+            result = fit(
+                params,
+                card,
+                train,
+                val,
+                device,
+                resume=state,
+                on_step=lambda _: bar.update() if bar is not None else None,
+                on_epoch=end_of_epoch,
+            )
+        except (Diverged, ModelError) as exc:
+            raise SystemExit(f"error: {exc}") from None
+        finally:
+            if bar is not None:
+                bar.close()
         if remaining == 0:  # every epoch was in the checkpoint
             write_bytes(history_file, history_csv(result.history))
         if state is None:
             mlflow.log_param("num_parameters", sum(p.numel() for p in result.model.parameters()))
         logger.flush(final=True)
-        save_model(result.model, dataclasses.replace(card, mlflow_run_id=run_id), cfg.model_dir)
+        save_model(result.model, card, cfg.model_dir)
+        tag_weights(Path(cfg.model_dir) / WEIGHTS_FILE)  # how evaluate and register find this run
         final = {k: round(v, 6) for k, v in result.history[-1].items() if k not in ("epoch", "lr")}
         write_json(Path(cfg.metrics_dir) / "train.json", final)
     print(
