@@ -17,7 +17,7 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import free_port, fresh_copy, readme_command, run
+from conftest import REPO, free_port, fresh_copy, readme_command, run
 from imgclf.config import load_params
 
 pytestmark = pytest.mark.integration
@@ -98,11 +98,13 @@ def test_every_stage_reports_progress_without_a_terminal(built_project):
     assert "Downloading artifacts" not in out and "Union type hint" not in out
 
 
-def test_the_experiment_opens_in_the_model_training_view(built_project):
-    """MLflow's UI shows an experiment as GenAI traces unless its kind tag says otherwise."""
+def test_the_experiment_is_tagged_for_model_training_and_is_the_readmes_link(built_project):
+    """The experiment's kind is recorded, and the README's model-training link names its id."""
     root, _ = built_project
     experiment = client_for(root).get_experiment_by_name("image-classifier")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    link = f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    assert link in (REPO / "README.md").read_text()
 
 
 def test_second_repro_runs_nothing(built_project):

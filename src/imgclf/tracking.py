@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlruns"
-# The UI opens an experiment in its model-training view, not its GenAI (traces) view, with this tag.
+# The experiment's kind, as MLflow records it (its UI's GenAI/model-training switch wins over it in 3.17).
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # The run that trained a model is found by the hash of its weights (the model files stay free of run ids,
 # so that the same code, params and data give the same DVC outputs).
