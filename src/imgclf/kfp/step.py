@@ -85,50 +85,61 @@ def _place(params: dict, outs: list[str], path: str, work: Path) -> dict[str, Pa
 def run_stage(values: dict[str, Any]) -> None:
     """Run spec["stage"] with the task's inputs (`values`: the component's arguments by name)."""
     spec = values["spec"]
-    stage = spec["stage"]
     root = Path.cwd()
-    work = Path(tempfile.mkdtemp(prefix=f"imgclf-{stage}-"))
-    for name, text in spec["files"].items():
-        (work / name).parent.mkdir(parents=True, exist_ok=True)
-        (work / name).write_text(text)
-    params = read_yaml(work / "params.yaml", "params file")
-    for parameter, key in spec["parameters"].items():
-        value = parse_value(values[parameter]) if parameter in spec["yaml"] else values[parameter]
-        if parameter_type(key) is int and isinstance(value, float) and value.is_integer():
-            value = int(value)  # KFP carries every number as a float
-        _set(params, key, value)
+    with tempfile.TemporaryDirectory(prefix=f"imgclf-{spec['stage']}-") as tmp:
+        work = Path(tmp)
+        for name, text in spec["files"].items():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).write_text(text)
+        params = read_yaml(work / "params.yaml", "params file")
+        for parameter, key in spec["parameters"].items():
+            value = parse_value(values[parameter]) if parameter in spec["yaml"] else values[parameter]
+            if parameter_type(key) is int and isinstance(value, float) and value.is_integer():
+                value = int(value)  # KFP carries every number as a float
+            _set(params, key, value)
+        lock = _inputs(values, spec, params, work)
+        outputs = {a: _place(params, outs, values[a].path, work) for a, outs in spec["outputs"].items()}
+        for artifact in outputs:
+            Path(values[artifact].path).parent.mkdir(parents=True, exist_ok=True)
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        entries = [{**entry, "hash": "md5"} for entry in lock.values()]
+        (work / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"upstream": {"outs": entries}}}))
 
-    # Inputs: where each lands, and the dvc.lock of everything upstream of them.
+        os.environ["DVC_ROOT"] = str(root)
+        os.chdir(work)
+        try:
+            importlib.import_module(f"imgclf.{spec['stage']}").main(["--params", str(work / "params.yaml")])
+        finally:
+            os.chdir(root)
+
+        _outputs(values, outputs, lock)
+        if spec["stage"] == "train":
+            _tag_code(params, spec["code"])
+        _finish(values, params, outputs, work)
+
+
+def _inputs(values: dict, spec: dict, params: dict, work: Path) -> dict[str, dict]:
+    """Lay out the input artifacts; returns the dvc.lock entries (path, md5, size, nfiles) of every output
+    upstream of them, by dvc.yaml out."""
     lock: dict[str, dict] = {}
+    given = [out for outs in spec["inputs"].values() for out in outs]
     for artifact, outs in spec["inputs"].items():
         lock.update(values[artifact].metadata.get(LOCK_KEY, {}))
-        where = _place(params, outs, values[artifact].path, work)
-        for out, local in where.items():
-            if local.parent == work / "files" / _key(out)[0]:  # a file carried inside the artifact
-                source = Path(values[artifact].path)
+        for out, local in _place(params, outs, values[artifact].path, work).items():
+            source = Path(values[artifact].path)
+            if local != source:  # a file the artifact carries, into the stage's folder
                 shutil.copy2(source / local.name if source.is_dir() else source, local)
             lock[out] = {**lock.get(out, {}), "path": str(local)}
-    for out, entry in lock.items():  # upstream outputs not handed to this stage: where their producer left them
+    for out, entry in lock.items():
         key, name = _key(out)
-        if not name and out not in [o for outs in spec["inputs"].values() for o in outs]:
+        if not name and out not in given:  # upstream, not this stage's input: where its producer left it
             _set(params, key, entry["path"])
-    outputs = {a: _place(params, outs, values[a].path, work) for a, outs in spec["outputs"].items()}
-    for a in spec["outputs"]:
-        Path(values[a].path).parent.mkdir(parents=True, exist_ok=True)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (work / "dvc.lock").write_text(
-        yaml.safe_dump(
-            {"schema": "2.0", "stages": {"upstream": {"outs": [{**e, "hash": "md5"} for e in lock.values()]}}}
-        )
-    )
+    # (KFP carries numbers as floats; dvc.lock has integers.)
+    return {out: {k: int(v) if isinstance(v, float) else v for k, v in e.items()} for out, e in lock.items()}
 
-    os.environ["DVC_ROOT"] = str(root)
-    os.chdir(work)
-    try:
-        importlib.import_module(f"imgclf.{stage}").main(["--params", str(work / "params.yaml")])
-    finally:
-        os.chdir(root)
 
+def _outputs(values: dict, outputs: dict[str, dict[str, Path]], lock: dict[str, dict]) -> None:
+    """The stage's outputs into their artifacts, each with its DVC hash and the dvc.lock upstream of it."""
     for artifact, where in outputs.items():
         target = Path(values[artifact].path)
         own = {}
@@ -141,9 +152,6 @@ def run_stage(values: dict[str, Any]) -> None:
                     shutil.copy2(local, target / local.name)
             own[out] = {**dvc_hash(local), "path": str(target if len(where) == 1 else target / local.name)}
         values[artifact].metadata.update({LOCK_KEY: {**lock, **own}, "dvc_md5": dvc_hash(target)["md5"]})
-    if stage == "train":
-        _tag_code(params, spec["code"])
-    _finish(values, params, outputs, work)
 
 
 def _tag_code(params: dict, code: dict[str, str]) -> None:
