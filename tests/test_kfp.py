@@ -208,7 +208,7 @@ def test_a_local_run_registers_a_model_with_the_lineage_of_a_dvc_run(tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("digits-lenet", "champion")
-    assert version.version == "1" and float(version.tags["val_accuracy"]) > 0.5
+    assert str(version.version) == "1" and float(version.tags["val_accuracy"]) > 0.5
     record = client.get_run(version.run_id)
     tags = record.data.tags
     # The data versions are those `dvc repro` records for the same params and data (the committed dvc.lock).
