@@ -24,16 +24,13 @@ needs_kfp = pytest.mark.skipif(
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 
-def compiled(root, *flags: str) -> tuple[dict, dict]:
-    """(pipeline spec, platform spec) that `compile` writes in `root`."""
-    run([sys.executable, "-m", "imgclf.kfp", "compile", "--out", "p.yaml", *flags], root)
-    docs = list(yaml.safe_load_all((root / "p.yaml").read_text()))
-    return docs[0], (docs[1] if len(docs) > 1 else {})
-
-
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> dict:
-    return compiled(fresh_copy(tmp_path_factory.mktemp("kfp") / "project"))[0]
+    """The spec compiled from the project's committed files, with the default options."""
+    from imgclf.kfp.pipeline import compile_to, load_project
+
+    root = fresh_copy(tmp_path_factory.mktemp("kfp") / "project")
+    return yaml.safe_load(compile_to(load_project(root), root / "pipeline.yaml").read_text())
 
 
 def upstream(spec: dict) -> dict[str, set[str]]:
@@ -121,6 +118,7 @@ def test_artifacts_are_typed_for_the_kfp_ui(spec):
 
 
 @needs_kfp
+@pytest.mark.integration
 def test_the_readme_compile_command_sets_image_env_resources_secret_retries_and_caching(tmp_path):
     root = fresh_copy(tmp_path / "project")
     command = readme_command("python -m imgclf.kfp compile")
@@ -154,6 +152,7 @@ def test_the_readme_compile_command_sets_image_env_resources_secret_retries_and_
 
 
 @needs_kfp
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("flag", "named"),
     [
