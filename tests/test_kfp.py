@@ -268,3 +268,8 @@ def test_the_image_installs_the_project_with_the_kfp_extra():
     assert "ARG TORCH=cpu" in dockerfile  # the CUDA build of torch by --build-arg TORCH=cuda
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv", "mlflow.db", "mlruns", ".kfp"} <= set(ignored)
+
+    # A worse model (one epoch instead of two) is registered as version 2, and the champion stays.
+    again = run([sys.executable, "-m", "imgclf.kfp", "run", "--set", "train.epochs=1"], root, timeout=1200)
+    assert "digits-lenet version 2" in again.stdout and "champion stays version 1" in again.stdout
+    assert str(client.get_model_version_by_alias("digits-lenet", "champion").version) == "1"
