@@ -38,8 +38,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	touch $@
 
+# The development tools, and the kfp extra (python -m imgclf.kfp) so that the tests and CI run its tests.
 $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
 	$(VENV)/bin/python -m pip install --quiet -r requirements-dev.txt
+	$(VENV)/bin/python -m pip install --quiet -e ".[kfp]"
 	touch $@
 
 clean:

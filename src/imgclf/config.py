@@ -278,6 +278,11 @@ def read_yaml(path: Path, what: str) -> Any:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
 
 
+def parse_value(text: str) -> Any:
+    """One value as params.yaml reads it (`-S train.lr=1e-4`, `--set train.flip=true`)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 PRESETS_DIR = "presets"
 _PRESET_NAME = r"[A-Za-z0-9_\-]+"
 
