@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from imgclf.augment import AlternatingFlip, Augment, Mix, auto_augment, cutout, flip, random_erase, resized_crop, translate
+from imgclf.augment import (
+    AlternatingFlip,
+    Augment,
+    Mix,
+    auto_augment,
+    cutout,
+    flip,
+    random_erase,
+    resized_crop,
+    translate,
+)
 
 
 def batch(n: int = 16) -> torch.Tensor:

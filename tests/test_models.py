@@ -250,10 +250,15 @@ def test_a_state_dict_that_does_not_fit_names_the_model_and_the_layers(tmp_path)
     with pytest.raises(ValueError) as error:
         build(card_for("torchvision:mobilenet_v3_small"), pretrained=str(tmp_path / "large.pth"))
     message = str(error.value)
-    assert message.startswith(f"train.pretrained: {tmp_path / 'large.pth'} does not fit torchvision:mobilenet_v3_small:")
+    assert message.startswith(
+        f"train.pretrained: {tmp_path / 'large.pth'} does not fit torchvision:mobilenet_v3_small:"
+    )
     assert ": missing from the file: features.1.block.1.fc1, " in message  # layers, each once
     assert "; not in the model: features.1.block.1.0, " in message
-    assert "; other shapes: features.2.block.0.0.weight ([64, 16, 1, 1] in the file, [72, 16, 1, 1] in the model)" in message
+    assert (
+        "; other shapes: features.2.block.0.0.weight ([64, 16, 1, 1] in the file, [72, 16, 1, 1] in the model)"
+        in message
+    )
     assert message.endswith(" and 121 more")  # the first six of each kind shown
 
 
@@ -288,6 +293,9 @@ def test_a_weights_name_loads_from_torchs_cache_without_a_network(tmp_path, monk
 
 
 def test_an_unknown_weights_name_lists_the_models_weights():
-    with pytest.raises(ValueError, match=r"train.pretrained: torchvision has no weights 'IMAGENET9K' for "
-                       r"torchvision:mobilenet_v3_small \(it has: DEFAULT, IMAGENET1K_V1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"train.pretrained: torchvision has no weights 'IMAGENET9K' for "
+        r"torchvision:mobilenet_v3_small \(it has: DEFAULT, IMAGENET1K_V1\)",
+    ):
         build(card_for("torchvision:mobilenet_v3_small"), pretrained="IMAGENET9K")

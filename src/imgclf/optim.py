@@ -31,8 +31,9 @@ def param_groups(model: nn.Module, cfg: TrainConfig, head: set[int] = frozenset(
             decay /= cfg.norm_bias_lr_scale
         groups.setdefault((scale, decay), []).append(p)
     return [
-        {"params": params} if scale == 1.0 and decay == cfg.weight_decay else
-        {"params": params, "lr": cfg.lr * scale, "weight_decay": decay}
+        {"params": params}
+        if scale == 1.0 and decay == cfg.weight_decay
+        else {"params": params, "lr": cfg.lr * scale, "weight_decay": decay}
         for (scale, decay), params in groups.items()
     ]
 
