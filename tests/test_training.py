@@ -206,3 +206,23 @@ def test_the_backbone_learns_at_backbone_lr_scale_times_the_heads_rate(tmp_path)
     assert {rates[i] for i in head} == {0.002}
     backbone = [r for i, r in rates.items() if i not in head]
     assert backbone and all(r == pytest.approx(0.0002) for r in backbone)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "mobilenet_v3_small"])
+def test_the_finetune_preset_trains_any_torchvision_classifier(tmp_path, name):
+    """presets/finetune.yaml with another model and a local weights file: a frozen epoch, then one of the
+    whole net, with the backbone at its own learning rate."""
+    from torchvision.models import get_model
+
+    from imgclf.train import fit
+
+    torch.save(get_model(name, weights=None).state_dict(), tmp_path / "weights.pth")
+    params = default_config(preset="finetune", model=f"torchvision:{name}", pretrained=str(tmp_path / "weights.pth"))
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=2, batch_size=8))
+    assert params.train.freeze_epochs == 1 and params.train.backbone_lr_scale == 0.1
+    card = card_for(f"torchvision:{name}", train=dataclasses.asdict(params.train))
+    result = fit(params, card, random_split(16, 0), random_split(8, 1), torch.device("cpu"))
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    assert all(np.isfinite(row["train_loss"]) for row in result.history)
+    rates = sorted(g["initial_lr"] for g in result.training.optimizer.param_groups)
+    assert rates == pytest.approx([0.1 * params.train.lr, params.train.lr])  # the backbone, the head

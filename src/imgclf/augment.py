@@ -133,7 +133,7 @@ def auto_augment(images: torch.Tensor, name: str, generator: torch.Generator, ma
 @contextmanager
 def _one_thread(device: torch.device) -> Iterator[None]:
     """On a CPU, torch on one thread for the block: an operation on one small image costs less than
-    waking the other threads (per-image policies ran 20-30x faster on 2 cores, bench/training.py)."""
+    waking the other threads (per-image policies ran 2-30x faster on 2 busy cores, bench/training.py)."""
     if device.type != "cpu":
         yield
         return
