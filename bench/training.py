@@ -3,6 +3,7 @@
     python bench/training.py --parts throughput,target,flops       # about 10 minutes
     python bench/training.py --parts fast --seeds 3                 # the fast preset: 13-22 minutes a seed
     python bench/training.py --parts fast --seeds 1 --preset accurate-cifar
+    python bench/training.py --parts augment                          # about 2 minutes
 
 All on the JPEG copy of CIFAR-10 (`--archive`, default ../shared/datasets/cifar10-jpg.tar.gz), on the CPU,
 with the model classes and training loop of this package; the tutorial loop is written out below as
@@ -20,6 +21,9 @@ the reference. Parts:
               of the bf16 rate, on a CPU with bf16 units)
   fast        a preset (`--preset`, default fast-cifar), training from scratch per seed: test accuracy
               and wall time (training, with the per-epoch validation pass), as the README's command runs it
+  augment     images/s of each augmentation (train keys) alone on batches of 256 training images, at
+              32 px and upsampled to 96 px, beside today's flip, translate and cutout: what each adds to
+              a training step on this device (compare with the loop's images/s above)
 Throughputs are medians of --repeats runs, measured side by side in one process.
 """
 
@@ -46,6 +50,7 @@ from torchvision.datasets import ImageFolder
 from imgclf import download
 from imgclf import prepare as prepare_stage
 from imgclf.allocator import keep_freed_memory
+from imgclf.augment import Augment, Mix
 from imgclf.card import CARD_VERSION, ModelCard
 from imgclf.config import RUN_KEYS, Params, load_params
 from imgclf.cpus import available_cpus
@@ -298,6 +303,33 @@ def fast_preset(
     return accuracy, elapsed, evaluation
 
 
+# name -> the augmentation (train keys) measured alone by the `augment` part.
+AUGMENTATIONS = {
+    "flip": Augment(flip=True),
+    "translate 2": Augment(translate=2),
+    "cutout 8": Augment(cutout=8),
+    "resized_crop 0.35": Augment(resized_crop=0.35),
+    "random_erase 0.25": Augment(random_erase=0.25),
+    "auto_augment randaugment": Augment(auto_augment="randaugment"),
+    "auto_augment trivialaugment": Augment(auto_augment="trivialaugment"),
+    "auto_augment autoaugment": Augment(auto_augment="autoaugment"),
+    "mixup_alpha 0.2": Mix(10, mixup_alpha=0.2),
+    "cutmix_alpha 1.0": Mix(10, cutmix_alpha=1.0),
+}
+
+
+def augment_throughput(images: torch.Tensor, labels: torch.Tensor, augment: Augment | Mix, batch: int = 256) -> float:
+    """Images/s of one augmentation over `images` (uint8, N C H W) in batches of `batch`."""
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for i in range(0, len(images), batch):
+        if isinstance(augment, Mix):
+            augment(images[i : i + batch], labels[i : i + batch], generator)
+        else:
+            augment(images[i : i + batch], generator)
+    return len(images) / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
@@ -314,7 +346,7 @@ def main() -> None:
     torch.set_num_threads(available_cpus())
     keep_freed_memory()  # as the train stage does
     with tempfile.TemporaryDirectory() as tmp:
-        prepared, folder, params = prepare(args.archive.resolve(), Path(tmp))
+        prepared, folder, params = prepare(args.archive.resolve(), Path(tmp), extract="throughput" in parts)
         params = dataclasses.replace(params, prepare=dataclasses.replace(params.prepare, out_dir=str(prepared)))
         train, test = arrays(prepared, "train"), arrays(prepared, "test")
         bf16 = cpu_has_bf16()  # train.precision auto then trains in bf16
@@ -410,6 +442,18 @@ def main() -> None:
                 f"  {run.train.model}, fast preset {fast / 1e9:8.1f} GFLOP/s  {fast / around[0]:6.1%}  ({fast_rate:.0f} "
                 f"img/s; matmul {around[0] / 1e9:.0f} GFLOP/s around it{bf16_share})"
             )
+        if "augment" in parts:
+            x = to_nchw(train.images[:2048], CPU)
+            y = torch.from_numpy(train.labels[:2048])
+            sizes = {32: x, 96: torch.nn.functional.interpolate(x.float(), size=96, mode="bilinear").round().byte()}
+            speeds = {(name, size): [] for name in AUGMENTATIONS for size in sizes}
+            for _ in range(args.repeats):
+                for (name, size), values in speeds.items():
+                    values.append(augment_throughput(sizes[size], y, AUGMENTATIONS[name]))
+            log(f"\naugmentation alone, images/s on batches of 256 (median of {args.repeats}; {len(x)} images)")
+            log(f"  {'train key':<28} {'32 px':>10} {'96 px':>10}")
+            for name in AUGMENTATIONS:
+                log(f"  {name:<28} " + " ".join(f"{statistics.median(speeds[name, size]):>10.0f}" for size in sizes))
         if "fast" in parts:
             log(f"\n{args.preset} preset, from scratch")
             val = arrays(prepared, "val")

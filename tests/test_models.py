@@ -160,7 +160,7 @@ def test_pretrained_weights_round_trip(tmp_path):
 
 
 def test_missing_pretrained_file_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="train.pretrained: no such file: .*never downloaded"):
+    with pytest.raises(ValueError, match="train.pretrained: no such file: .*name torchvision's weights"):
         build(card_for("torchvision:resnet18"), pretrained=str(tmp_path / "nope.pth"))
 
 
@@ -241,3 +241,61 @@ def test_fastnet_compiled_under_bf16_autocast_has_finite_gradients():
     loss.backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert [n for n, p in trainable if not torch.isfinite(p.grad).all()] == []
+
+
+def test_a_state_dict_that_does_not_fit_names_the_model_and_the_layers(tmp_path):
+    from torchvision.models import get_model
+
+    torch.save(get_model("mobilenet_v3_large", weights=None).state_dict(), tmp_path / "large.pth")
+    with pytest.raises(ValueError) as error:
+        build(card_for("torchvision:mobilenet_v3_small"), pretrained=str(tmp_path / "large.pth"))
+    message = str(error.value)
+    assert message.startswith(
+        f"train.pretrained: {tmp_path / 'large.pth'} does not fit torchvision:mobilenet_v3_small:"
+    )
+    assert ": missing from the file: features.1.block.1.fc1, " in message  # layers, each once
+    assert "; not in the model: features.1.block.1.0, " in message
+    assert (
+        "; other shapes: features.2.block.0.0.weight ([64, 16, 1, 1] in the file, [72, 16, 1, 1] in the model)"
+        in message
+    )
+    assert message.endswith(" and 121 more")  # the first six of each kind shown
+
+
+def test_our_own_checkpoint_fits_as_pretrained_weights_with_another_head(tmp_path):
+    """A fine-tuned model (models/model.safetensors: the Classifier's `net.*` tensors) fine-tunes again,
+    for another number of classes: the head is replaced anyway."""
+    torch.manual_seed(0)
+    first = build(card_for("torchvision:mobilenet_v3_small", classes=10))
+    save_checkpoint(first, card_for("torchvision:mobilenet_v3_small", classes=10), tmp_path)
+    again = build(card_for("torchvision:mobilenet_v3_small", classes=3), pretrained=str(tmp_path / "model.safetensors"))
+    torch.testing.assert_close(again.net.features[0][0].weight, first.net.features[0][0].weight)
+    assert again.net.classifier[-1].out_features == 3
+
+
+def test_a_weights_name_loads_from_torchs_cache_without_a_network(tmp_path, monkeypatch):
+    """`train.pretrained: DEFAULT` builds the model the way torchvision does, from the file torch.hub keeps
+    in $TORCH_HOME/hub/checkpoints (what the offline error tells the user to put there)."""
+    from torchvision.models import MobileNet_V3_Small_Weights, get_model
+
+    from imgclf.models import cached_weights_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    source = get_model("mobilenet_v3_small", weights=None)
+    cached = cached_weights_file(MobileNet_V3_Small_Weights.DEFAULT.url)
+    assert cached == tmp_path / "torch" / "hub" / "checkpoints" / "mobilenet_v3_small-047dcff4.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), cached)
+    for name in ("DEFAULT", "IMAGENET1K_V1", "MobileNet_V3_Small_Weights.IMAGENET1K_V1"):
+        model = build(card_for("torchvision:mobilenet_v3_small", classes=5), pretrained=name)
+        torch.testing.assert_close(model.net.features[0][0].weight, source.features[0][0].weight)
+        assert model.net.classifier[-1].out_features == 5
+
+
+def test_an_unknown_weights_name_lists_the_models_weights():
+    with pytest.raises(
+        ValueError,
+        match=r"train.pretrained: torchvision has no weights 'IMAGENET9K' for "
+        r"torchvision:mobilenet_v3_small \(it has: DEFAULT, IMAGENET1K_V1\)",
+    ):
+        build(card_for("torchvision:mobilenet_v3_small"), pretrained="IMAGENET9K")

@@ -121,3 +121,108 @@ def test_bf16_training_on_the_cpu_computes_in_bf16_and_keeps_fp32_weights():
     assert seen[0] == torch.bfloat16  # the training passes ran under autocast
     assert seen[-1] == torch.float32  # the validation pass after them did not
     assert all(p.dtype == torch.float32 for p in run.model.parameters())
+
+
+STRONG = dict(
+    resized_crop=0.35,
+    auto_augment="trivialaugment",
+    random_erase=0.25,
+    mixup_alpha=0.2,
+    cutmix_alpha=1.0,
+    flip=True,
+)
+
+
+def test_strong_augmentation_and_mixing_resume_from_a_checkpoint_to_the_same_weights(tmp_path):
+    """The policies and MixUp/CutMix draw from torch's global generator inside a fork seeded from the
+    checkpointed augmentation generator: a resumed run sees the same batches."""
+    train = dict(batch_size=32, epochs=2, **STRONG)
+    whole = make_training(64, **train)
+    metrics = [whole.run_epoch() for _ in range(2)]
+    assert all(np.isfinite(m["train_loss"]) and 0 <= m["train_accuracy"] <= 1 for m in metrics)
+    first = make_training(64, **train)
+    first.run_epoch()
+    checkpoint.save(first.state_dict(), tmp_path)
+    resumed = make_training(64, **train)
+    resumed.load_state_dict(checkpoint.load(tmp_path))
+    resumed.run_epoch()
+    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_mixed_batches_train_on_soft_targets_and_count_accuracy_against_the_labels():
+    run = make_training(64, batch_size=32, epochs=1, mixup_alpha=1.0)
+    images, target, labels = run.batch(torch.arange(32))
+    assert target.shape == (32, 10) and labels.shape == (32,) and images.dtype == torch.float32
+    torch.testing.assert_close(target.sum(1), torch.ones(32))
+    loss, correct = run.gradients(images, target, labels)
+    assert torch.isfinite(loss) and 0 <= int(correct) <= 32
+
+
+def finetuning(tmp_path, **train) -> Training:
+    """mobilenet_v3_small from a local weights file, fine-tuned on random 32x32 images."""
+    from torchvision.models import get_model
+
+    torch.manual_seed(0)
+    torch.save(get_model("mobilenet_v3_small", weights=None).state_dict(), tmp_path / "weights.pth")
+    model_name = "torchvision:mobilenet_v3_small"
+    cfg = dataclasses.replace(
+        default_config().train,
+        model=model_name,
+        pretrained=str(tmp_path / "weights.pth"),
+        **{"optimizer": "adamw", "lr": 0.01, "batch_size": 16, "epochs": 2, **train},
+    )
+    model = build(card_for(model_name), pretrained=cfg.pretrained)
+    return Training(model, random_split(32, 0), random_split(8, 1), cfg, torch.device("cpu"))
+
+
+def test_a_frozen_backbone_keeps_its_weights_and_its_batchnorm_statistics(tmp_path):
+    run = finetuning(tmp_path, freeze_epochs=1)
+    net = run.model.net
+    head = net.classifier[-1]
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    def backbone():
+        return [t.clone() for name, t in net.state_dict().items() if not name.startswith("classifier.3.")]
+
+    before, head_before = backbone(), head.weight.detach().clone()
+    run.run_epoch()
+    after_frozen = backbone()
+    assert all(torch.equal(a, b) for a, b in zip(before, after_frozen))  # running statistics included
+    assert not torch.equal(head.weight, head_before)
+    run.run_epoch()
+    assert all(m.training for m in norms)  # unfrozen: BatchNorm normalises by the batch again
+    changed = [not torch.equal(a, b) for a, b in zip(after_frozen, backbone())]
+    assert sum(changed) > len(changed) // 2
+    assert not torch.equal(norms[0].running_mean, before[[*net.state_dict()].index("features.0.1.running_mean")])
+
+
+def test_the_backbone_learns_at_backbone_lr_scale_times_the_heads_rate(tmp_path):
+    run = finetuning(tmp_path, backbone_lr_scale=0.1, lr=0.002)
+    head = {id(p) for p in run.model.net.classifier[-1].parameters()}
+    groups = run.optimizer.param_groups
+    rates = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert len(rates) == len(list(run.model.parameters()))
+    assert {rates[i] for i in head} == {0.002}
+    backbone = [r for i, r in rates.items() if i not in head]
+    assert backbone and all(r == pytest.approx(0.0002) for r in backbone)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "mobilenet_v3_small"])
+def test_the_finetune_preset_trains_any_torchvision_classifier(tmp_path, name):
+    """presets/finetune.yaml with another model and a local weights file: a frozen epoch, then one of the
+    whole net, with the backbone at its own learning rate."""
+    from torchvision.models import get_model
+
+    from imgclf.train import fit
+
+    torch.save(get_model(name, weights=None).state_dict(), tmp_path / "weights.pth")
+    params = default_config(preset="finetune", model=f"torchvision:{name}", pretrained=str(tmp_path / "weights.pth"))
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=2, batch_size=8))
+    assert params.train.freeze_epochs == 1 and params.train.backbone_lr_scale == 0.1
+    card = card_for(f"torchvision:{name}", train=dataclasses.asdict(params.train))
+    result = fit(params, card, random_split(16, 0), random_split(8, 1), torch.device("cpu"))
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    assert all(np.isfinite(row["train_loss"]) for row in result.history)
+    rates = sorted(g["initial_lr"] for g in result.training.optimizer.param_groups)
+    assert rates == pytest.approx([0.1 * params.train.lr, params.train.lr])  # the backbone, the head

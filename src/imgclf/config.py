@@ -127,9 +127,12 @@ class TrainConfig:
     # presets/<name>.yaml: the recipe whose values fill the keys params.yaml leaves null.
     preset: str = _bounded(pattern=r"[A-Za-z0-9_\-]+")
     model: str  # see imgclf.architectures
-    # torchvision models: a local file of pretrained weights (state dict); nothing is downloaded.
+    # torchvision models: a torchvision weights name (DEFAULT, IMAGENET1K_V1, ...: downloaded once into
+    # torch's cache, TORCH_HOME), the URL of a state-dict file (likewise), or a local .pth/.safetensors file.
     pretrained: str | None
     freeze_epochs: int = _bounded(ge=0)  # with pretrained weights: train only the new head at first
+    # with pretrained weights: the backbone's learning rate as a multiple of the new head's (train.lr)
+    backbone_lr_scale: float = _bounded(gt=0)
     optimizer: Literal["sgd", "adam", "adamw", "rmsprop", "muon"]
     lr: float = _bounded(gt=0)
     momentum: float = _bounded(ge=0, lt=1)
@@ -155,6 +158,13 @@ class TrainConfig:
     alternate_flip: bool  # with flip: mirror each image in every other epoch instead of at random
     translate: int = _bounded(ge=0, le=16)
     cutout: int = _bounded(ge=0)
+    # Random resized crop: each crop keeps this share of the image's area at least, resized back; 0 = off.
+    resized_crop: float = _bounded(ge=0, lt=1)
+    auto_augment: Literal["none", "randaugment", "trivialaugment", "autoaugment", "autoaugment-cifar10"]
+    ra_magnitude: int = _bounded(ge=0, le=30)  # randaugment's magnitude (of 30)
+    random_erase: float = _bounded(ge=0, le=1)  # probability of erasing a random rectangle; 0 = off
+    mixup_alpha: float = _bounded(ge=0)  # MixUp's Beta(alpha, alpha); 0 = off
+    cutmix_alpha: float = _bounded(ge=0)  # CutMix's Beta(alpha, alpha); 0 = off
     tta_flip: bool
     tta_translate: int = _bounded(ge=0, le=4)  # also average views shifted this many pixels; 0 = off
     # fastnet: train the whitening layer's bias for this many epochs, then freeze it (saves a backward
@@ -186,6 +196,10 @@ class TrainConfig:
             raise ConfigError("train.alternate_flip: needs train.flip: true (it says how to flip)")
         if self.freeze_epochs and self.pretrained is None:
             raise ConfigError("train.freeze_epochs: needs train.pretrained (a fresh model has no backbone to keep)")
+        if self.backbone_lr_scale != 1.0 and self.pretrained is None:
+            raise ConfigError(
+                "train.backbone_lr_scale: needs train.pretrained (a fresh model's backbone learns at train.lr)"
+            )
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,17 @@ preprocessing as evaluation.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save
 from torch import nn
 from torch.nn import functional as F
-from torchvision.models import get_model, resnet18
+from torchvision.models import get_model, get_model_weights, resnet18
 
 from imgclf.architectures import ARCHITECTURES, TORCHVISION
 from imgclf.card import ModelCard
@@ -185,24 +187,93 @@ def cifar_resnet18(in_channels: int, image_size: int, num_classes: int) -> nn.Mo
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
+# train.pretrained: a torchvision weights name (DEFAULT, IMAGENET1K_V1, MobileNet_V2_Weights.IMAGENET1K_V1, ...),
+# a URL, or else a local file.
+WEIGHTS_NAME = re.compile(r"(?:[A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*")
+WEIGHTS_URL = re.compile(r"(?:https?|file)://")
+
+
 def torchvision_net(name: str, in_channels: int, num_classes: int, pretrained: str | None) -> nn.Module:
-    """A torchvision classifier; with `pretrained`, its weights come from that local file (never from
-    the network) and its last linear layer is replaced by a fresh one for `num_classes`."""
+    """A torchvision classifier; with `pretrained`, its weights (a torchvision weights name, a URL, a local
+    file) are loaded and its last linear layer is replaced by a fresh one for `num_classes`."""
     if in_channels != 3:
         raise ModelError(f"{TORCHVISION}{name} takes RGB images: set data.channels to 3")
-    try:
-        net = get_model(name, weights=None, **({} if pretrained else {"num_classes": num_classes}))
-    except ValueError as exc:  # torchvision's "Unknown model ..."
-        raise ModelError(f"train.model: {TORCHVISION}{name}: {exc}") from None
-    if pretrained is None:
-        return net
-    try:
-        net.load_state_dict(load_weights(pretrained))
-    except RuntimeError as exc:  # missing, unexpected or mis-shaped tensors, which torch lists
-        raise ModelError(f"train.pretrained: {pretrained} does not fit {TORCHVISION}{name}: {exc}") from None
-    parent, attr, last = _last_linear(net)
+    if pretrained is not None and WEIGHTS_NAME.fullmatch(pretrained):
+        net = _net_with_named_weights(name, pretrained)
+    else:
+        try:
+            net = get_model(name, weights=None, **({} if pretrained else {"num_classes": num_classes}))
+        except ValueError as exc:  # torchvision's "Unknown model ..."
+            raise ModelError(f"train.model: {TORCHVISION}{name}: {exc}") from None
+        if pretrained is None:
+            return net
+        state = download_weights(pretrained) if WEIGHTS_URL.match(pretrained) else load_weights(pretrained)
+        load_fitting(net, state, f"train.pretrained: {pretrained} does not fit {TORCHVISION}{name}")
+    _, parent, attr, last = _last_linear(net)
     setattr(parent, attr, nn.Linear(last.in_features, num_classes))
     return net
+
+
+def _net_with_named_weights(name: str, weights_name: str) -> nn.Module:
+    """torchvision's model `name` with its weights `weights_name`, built as torchvision builds it (some
+    builders set options to match their weights): the weights file comes from torch's cache
+    ($TORCH_HOME/hub/checkpoints), downloaded there with its hash checked on first use."""
+    try:
+        table = get_model_weights(name)
+    except ValueError as exc:  # torchvision's "Unknown model ..."
+        raise ModelError(f"train.model: {TORCHVISION}{name}: {exc}") from None
+    try:
+        weights = table.verify(weights_name)
+    except KeyError:
+        known = ", ".join(["DEFAULT", *(w.name for w in table)])
+        raise ModelError(
+            f"train.pretrained: torchvision has no weights {weights_name!r} for {TORCHVISION}{name} (it has: {known})"
+        ) from None
+    try:
+        return get_model(name, weights=weights, progress=False)
+    except (OSError, RuntimeError) as exc:
+        error = _download_error(weights.url, f"{weights_name} ({weights!r}) for {TORCHVISION}{name}", exc)
+        if error is None:
+            raise
+        raise error from None
+
+
+def cached_weights_file(url: str) -> Path:
+    """Where torch.hub keeps the file downloaded from `url`: $TORCH_HOME/hub/checkpoints/<its name>."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def download_weights(url: str) -> dict[str, torch.Tensor]:
+    """The state dict (a torch.save file) at `url`, through torch's cache: downloaded on first use only,
+    its hash checked when its name carries one (torch.hub's `name-<sha256 prefix>.pth`), loaded without
+    unpickling objects."""
+    try:
+        state = torch.hub.load_state_dict_from_url(
+            url, map_location="cpu", progress=False, check_hash=True, weights_only=True
+        )
+    except (OSError, RuntimeError) as exc:
+        error = _download_error(url, url, exc)
+        if error is None:
+            raise
+        raise error from None
+    if not isinstance(state, dict):
+        raise ModelError(f"train.pretrained: {url} does not hold a state dict")
+    return state
+
+
+def _download_error(url: str, what: str, exc: Exception) -> ModelError | None:
+    """The error to report for `exc`, raised while fetching `url`; None when it is no download problem."""
+    cached = cached_weights_file(url)
+    if isinstance(exc, RuntimeError) and "invalid hash" not in str(exc):
+        return None
+    if isinstance(exc, RuntimeError):  # torch.hub deleted the bad download
+        return ModelError(f"train.pretrained: {what}: the file downloaded from {url} is corrupt: {exc}")
+    return ModelError(
+        f"train.pretrained: {what} is not in torch's cache and could not be downloaded from {url} ({exc}). "
+        f"Without a network, download that file elsewhere and put it at {cached} (torch's cache is "
+        "$TORCH_HOME/hub/checkpoints; TORCH_HOME defaults to ~/.cache/torch), or set train.pretrained to a "
+        "local .pth or .safetensors file"
+    )
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -210,8 +281,8 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise ModelError(
-            f"train.pretrained: no such file: {path} (weights are never downloaded at run "
-            "time: save a state dict there, e.g. torch.save(model.state_dict(), path))"
+            f"train.pretrained: no such file: {path} (a local file of weights: save a state dict there, "
+            "e.g. torch.save(model.state_dict(), path); or name torchvision's weights, e.g. DEFAULT)"
         )
     if path.suffix == ".safetensors":
         return load_file(str(path))
@@ -221,8 +292,42 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _last_linear(net: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
-    """(parent module, attribute name, layer) of the last nn.Linear: the classification head."""
+def load_fitting(net: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load `state` into `net`, its classification head aside (it is replaced for the new classes, so a
+    file with another number of classes fits). One of our checkpoints (a Classifier's state: `net.*`
+    and the normalisation) fits too. Anything else that differs raises ModelError naming the layers."""
+    if "mean" in state and any(k.startswith("net.") for k in state):
+        state = {k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")}
+    own = net.state_dict()
+    head_name = _last_linear(net)[0]
+    head = {k for k in own if k.startswith(f"{head_name}.")}
+    missing = _layers(k for k in own if k not in state and k not in head)
+    unexpected = _layers(k for k in state if k not in own)
+    shapes = [
+        f"{k} ({list(state[k].shape)} in the file, {list(own[k].shape)} in the model)"
+        for k in own
+        if k in state and k not in head and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        parts = [f"missing from the file: {_some(missing)}"] if missing else []
+        parts += [f"not in the model: {_some(unexpected)}"] if unexpected else []
+        parts += [f"other shapes: {_some(shapes)}"] if shapes else []
+        raise ModelError(f"{what}: " + "; ".join(parts))
+    net.load_state_dict({k: v for k, v in state.items() if k not in head or v.shape == own[k].shape}, strict=False)
+
+
+def _layers(keys) -> list[str]:
+    """The layers (a tensor's name without its last part) of these tensors, in order, each once."""
+    return list(dict.fromkeys(k.rpartition(".")[0] or k for k in keys))
+
+
+def _some(items: list[str], shown: int = 6) -> str:
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
+def _last_linear(net: nn.Module) -> tuple[str, nn.Module, str, nn.Linear]:
+    """(name, parent module, attribute name, layer) of the last nn.Linear: the classification head."""
     found = None
     for name, module in net.named_modules():
         if isinstance(module, nn.Linear):
@@ -231,12 +336,12 @@ def _last_linear(net: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
         raise ModelError("the model has no linear classification head to replace")
     name, layer = found
     parent_name, _, attr = name.rpartition(".")
-    return net.get_submodule(parent_name) if parent_name else net, attr, layer
+    return name, net.get_submodule(parent_name) if parent_name else net, attr, layer
 
 
 def head_parameters(net: nn.Module) -> list[nn.Parameter]:
     """The parameters of the classification head (the last linear layer)."""
-    return list(_last_linear(net)[2].parameters())
+    return list(_last_linear(net)[3].parameters())
 
 
 class Classifier(nn.Module):

@@ -11,24 +11,30 @@ from torch.optim.sgd import sgd
 from imgclf.config import TrainConfig
 
 
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+def param_groups(model: nn.Module, cfg: TrainConfig, head: set[int] = frozenset()) -> list[dict]:
     """BatchNorm biases learn `norm_bias_lr_scale` times faster, with weight decay scaled down by as
     much so that their decay per step stays the same (airbench's "bias_scaler", K. Jordan 2024).
-    Every parameter is included, frozen ones too: they have no gradient while frozen (the optimizer
-    skips them) and learn once unfrozen."""
+    With `head` (the ids of a fine-tuned model's new head parameters), every other parameter (the
+    pretrained backbone) learns at `backbone_lr_scale` times train.lr, its decay per step scaled alike
+    (discriminative fine-tuning: Howard & Ruder 2018, "ULMFiT"). Every parameter is included, frozen ones
+    too: they have no gradient while frozen (the optimizer skips them) and learn once unfrozen."""
     norm_biases = {
         id(m.bias) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None
     }
-    if cfg.norm_bias_lr_scale == 1.0 or not norm_biases:
-        return [{"params": list(model.parameters())}]
-    scale = cfg.norm_bias_lr_scale
+    backbone = cfg.backbone_lr_scale if head else 1.0
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        scale = 1.0 if id(p) in head else backbone
+        decay = cfg.weight_decay
+        if id(p) in norm_biases and cfg.norm_bias_lr_scale != 1.0:
+            scale *= cfg.norm_bias_lr_scale
+            decay /= cfg.norm_bias_lr_scale
+        groups.setdefault((scale, decay), []).append(p)
     return [
-        {"params": [p for p in model.parameters() if id(p) not in norm_biases]},
-        {
-            "params": [p for p in model.parameters() if id(p) in norm_biases],
-            "lr": cfg.lr * scale,
-            "weight_decay": cfg.weight_decay / scale,
-        },
+        {"params": params}
+        if scale == 1.0 and decay == cfg.weight_decay
+        else {"params": params, "lr": cfg.lr * scale, "weight_decay": decay}
+        for (scale, decay), params in groups.items()
     ]
 
 
@@ -110,8 +116,9 @@ def orthogonalise(matrix: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.
     return (x if wide else x.T).to(matrix.dtype)
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    params = param_groups(model, cfg)
+def make_optimizer(model: nn.Module, cfg: TrainConfig, head: set[int] = frozenset()) -> torch.optim.Optimizer:
+    """`head`: the ids of the parameters of a pretrained model's new head (see param_groups)."""
+    params = param_groups(model, cfg, head)
     if cfg.optimizer == "muon":
         filters = [p for p in model.parameters() if p.ndim == 4]
         groups = [{**g, "params": [p for p in g["params"] if p.ndim != 4]} for g in params]

@@ -2,7 +2,8 @@
 
     python -m imgclf.train --params params.yaml
 
-Reads `prepare.out_dir` (and `train.pretrained` when set); writes `train.model_dir`/{model.safetensors,
+Reads `prepare.out_dir` (and `train.pretrained` when set: a local file, or torchvision's weights or a URL
+through torch's download cache, TORCH_HOME); writes `train.model_dir`/{model.safetensors,
 model.json}, `train.metrics_dir`/{train.json, train_history.csv} and, after every epoch,
 `train.checkpoint_dir`/last.pt (kept across failed runs: `persist` in dvc.yaml). Starts the MLflow run
 that evaluate and register continue: every resolved param, per-epoch train/val loss and accuracy, the git
@@ -38,7 +39,7 @@ from tqdm import tqdm
 from imgclf import checkpoint
 from imgclf.allocator import keep_freed_memory
 from imgclf.architectures import TORCHVISION
-from imgclf.augment import AlternatingFlip, Augment
+from imgclf.augment import AlternatingFlip, Augment, Mix
 from imgclf.card import CARD_VERSION, ModelCard
 from imgclf.config import Params, TrainConfig, as_flat_dict, stage_params
 from imgclf.devices import PrecisionError, autocast_dtype, configure_torch, deterministic_environment, resolve_device
@@ -110,7 +111,10 @@ class Training:
         self.x_train, self.y_train = to_nchw(train.images, device), torch.from_numpy(train.labels).to(device)
         self.x_val, self.y_val = to_nchw(val.images, device), torch.from_numpy(val.labels).to(device)
         self.steps_per_epoch = math.ceil(len(self.x_train) / cfg.batch_size)
-        self.optimizer = make_optimizer(model, cfg)
+        # A pretrained model's new head: it alone learns for the first freeze_epochs, then at train.lr
+        # while the backbone learns at backbone_lr_scale times that.
+        self.head = {id(p) for p in head_parameters(model.net)} if cfg.pretrained is not None else set()
+        self.optimizer = make_optimizer(model, cfg, self.head)
         self.scheduler = make_scheduler(self.optimizer, cfg, cfg.epochs * self.steps_per_epoch)
         self.dtype = autocast_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
@@ -122,14 +126,22 @@ class Training:
         # Shuffling and augmentation draw from their own generators, seeded by train.seed alone.
         self.order = torch.Generator().manual_seed(cfg.seed)
         self.augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
-        self.augment = Augment(flip=cfg.flip, translate=cfg.translate, cutout=cfg.cutout)
+        self.augment = Augment(
+            flip=cfg.flip,
+            translate=cfg.translate,
+            cutout=cfg.cutout,
+            resized_crop=cfg.resized_crop,
+            auto_augment=cfg.auto_augment,
+            ra_magnitude=cfg.ra_magnitude,
+            random_erase=cfg.random_erase,
+        )
+        self.mix = Mix(model.num_classes, mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha)
         self.alternating_flip = AlternatingFlip(len(self.x_train), cfg.seed + 2, device) if cfg.alternate_flip else None
         # fastnet's whitening bias, trained for the first train.whiten_bias_epochs epochs only.
         whiten = getattr(model.net, "whiten", None)
         self.whiten_bias = whiten.bias if cfg.whiten_bias_epochs and whiten is not None else None
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.head = {id(p) for p in head_parameters(model.net)} if cfg.freeze_epochs else set()
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -175,26 +187,37 @@ class Training:
         """Which parameters learn this epoch: the head alone while the backbone is frozen, and the
         whitening bias only for its first epochs."""
         self.epoch += 1
+        frozen = bool(self.head) and self.epoch <= self.cfg.freeze_epochs
         if self.head:
-            frozen = self.epoch <= self.cfg.freeze_epochs
             for p in self.trainable:
                 if id(p) not in self.head:
                     p.requires_grad_(not frozen)
         if self.whiten_bias is not None:
             self.whiten_bias.requires_grad_(self.epoch <= self.cfg.whiten_bias_epochs)
         self.model.train()
+        if frozen:  # a frozen backbone keeps its BatchNorm statistics too: they normalise as pretrained
+            for module in self.model.net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The images (augmented) and labels at `index`."""
-        images, target = self.x_train[index], self.y_train[index]
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The images (augmented), the loss's targets (soft ones when mixed) and the labels at `index`."""
+        images, labels = self.x_train[index], self.y_train[index]
         if self.augment.active:
             flips = self.alternating_flip.mask(self.epoch, index) if self.alternating_flip else None
             images = self.augment(images, self.augment_rng, flip_mask=flips)
-        return images, target
+        if self.mix.active:
+            images, target = self.mix(images, labels, self.augment_rng)
+            return images, target, labels
+        return images, labels, labels
 
-    def gradients(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gradients(
+        self, images: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward passes over micro-batches of train.micro_batch images, accumulating the whole batch's
-        gradient; returns the batch's mean loss and its number of correct predictions (on the device)."""
+        gradient; returns the batch's mean loss (against `target`: labels, or class probabilities) and
+        its number of predictions equal to `labels` (default: `target`), on the device."""
+        labels = target if labels is None else labels
         loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         size = self.cfg.micro_batch or len(images)
@@ -206,7 +229,7 @@ class Training:
                 part_loss = self.loss_fn(logits.float(), part_target) * (len(part) / len(images))
             self.scaler.scale(part_loss).backward()
             loss += part_loss.detach()
-            correct += (logits.argmax(1) == part_target).sum()
+            correct += (logits.argmax(1) == labels[start : start + size]).sum()
         return loss, correct
 
     def step(self) -> None:
@@ -229,9 +252,9 @@ class Training:
         divergence = Divergence(self.device)
         batches = torch.randperm(len(self.x_train), generator=self.order).to(self.device).split(self.cfg.batch_size)
         for step, index in enumerate(batches, start=1):
-            images, target = self.batch(index)
+            images, target, labels = self.batch(index)
             self.optimizer.zero_grad(set_to_none=True)
-            loss, batch_correct = self.gradients(images, target)
+            loss, batch_correct = self.gradients(images, target, labels)
             self.step()
             divergence.record(loss, step)
             loss_sum += loss * len(index)
@@ -383,6 +406,14 @@ def main(argv: list[str] | None = None) -> None:
         print(override)
     prepared = Path(params.prepare.out_dir)
     card = new_card(params, json.loads((prepared / "meta.json").read_text()))
+    try:
+        # The model built once before anything starts: a bad weights name, a file that does not fit the
+        # model, or weights that cannot be downloaded stop here (exit code 2), and a download lands in
+        # torch's cache for the real build.
+        build(card, pretrained=cfg.pretrained)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     deterministic_environment(os.environ, cfg)
     keep_freed_memory()  # ~1.2x the images/s on the CPU for nets with large activations (bench/allocator.py)
