@@ -117,7 +117,7 @@ def test_second_repro_runs_nothing(built_project):
 def test_default_pipeline_reaches_95_percent(built_project):
     root, _ = built_project
     metrics = json.loads((root / "metrics/test.json").read_text())
-    assert set(metrics) == {"accuracy", "recall_macro", "precision_macro", "f1_macro"}
+    assert set(metrics) == {"accuracy", "recall_macro", "precision_macro", "f1_macro", "roc_auc_macro", "ece"}
     assert metrics["accuracy"] >= 0.95, metrics
 
 
