@@ -71,7 +71,7 @@ def per_class_figure(table: list[dict], max_rows: int = 100) -> Figure:
     ax.set_xlabel("score on the test split")
     ax.set_ylabel("class (lowest F1 first)")
     ax.set_title("Precision, recall and F1 per class")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the bars, never over them
     return fig
 
 
@@ -103,6 +103,7 @@ def reliability_figure(bins: dict[str, np.ndarray], ece: float) -> Figure:
     """The reliability diagram (Guo et al. 2017, fig. 1): accuracy per confidence bin against the
     diagonal of perfect calibration, and below it how many test images fall in each bin."""
     fig = Figure(figsize=(5.5, 6.5), layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.12)  # inches: the two panels' end ticks (1.0 and 0) apart
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
     edges = bins["edges"]
     width = np.diff(edges)
@@ -140,4 +141,20 @@ def image_grid(images: np.ndarray, captions: list[str], title: str, overlays: np
     if n == 0:
         axes[0].text(0.5, 0.5, "none", ha="center", va="center")
     fig.suptitle(title)
+    return fig
+
+
+def overlay_figure(image: np.ndarray, cam: np.ndarray, caption: str) -> Figure:
+    """One picture as the user gave it (uint8 (H, W, C), any size) with a Grad-CAM map (h, w) in 0..1,
+    stretched over it, and the caption (class and probability) above."""
+    height, width = image.shape[:2]
+    scale = 4.0 / max(height, width)  # the longer side 4 in, whatever the image's size
+    fig = Figure(figsize=(max(width * scale, 2.5), height * scale + 0.5), layout="constrained")
+    ax = fig.subplots()
+    gray = image.shape[-1] == 1
+    ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None)
+    ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+              interpolation="bilinear")  # fmt: skip
+    ax.axis("off")
+    ax.set_title(caption, fontsize=11)
     return fig
