@@ -242,8 +242,7 @@ def figures(model, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, cl
             plots.image_grid(
                 sample,
                 [_caption(i, labels, probs, classes) for i in picked],
-                f"Grad-CAM of the predicted class: {len(picked)} {name}ly classified test images "
-                f"(seed {cfg.seed})",
+                f"Grad-CAM of the predicted class: {len(picked)} {name}ly classified test images (seed {cfg.seed})",
                 overlays=maps,
             )
         )
@@ -253,8 +252,15 @@ def figures(model, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, cl
 METRIC_FILES = ("test.json", "per_class.json", "predictions.csv", "confusion.png")  # in evaluate.metrics_dir
 # The MLflow artifact folder of each file.
 ARTIFACT_FOLDERS = {
-    "evaluation": ("test.json", "per_class.json", "predictions.csv", "confusion.png", "confusion_normalized.png",
-                   "per_class.csv", "per_class.png"),  # fmt: skip
+    "evaluation": (
+        "test.json",
+        "per_class.json",
+        "predictions.csv",
+        "confusion.png",
+        "confusion_normalized.png",
+        "per_class.csv",
+        "per_class.png",
+    ),  # fmt: skip
     "evaluation/curves": ("roc.png", "pr.png", "roc.csv", "pr.csv", "calibration.csv", "reliability.png"),
     "evaluation/errors": ("top_losses.png",),
     "gradcam": ("gradcam_correct.png", "gradcam_wrong.png"),
