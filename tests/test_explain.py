@@ -239,3 +239,21 @@ def test_the_stage_writes_what_dvc_yaml_declares():
         for name in names:
             if name.endswith(".png") and name not in evaluate.METRIC_FILES:
                 assert f"${{evaluate.plots_dir}}/{name}" in declared, name
+
+
+@pytest.mark.integration
+def test_readme_figures_script_makes_the_readmes_small_pictures(built_project, tmp_path):
+    root, _ = built_project
+    out = tmp_path / "figures"
+    command = readme_command("python docs/figures.py").replace("--out docs/figures", f"--out {out}")
+    run(command, root)
+    made = sorted(p.name for p in out.iterdir())
+    committed = sorted(p.name for p in (REPO / "docs/figures").iterdir())
+    assert made == committed and len(made) == 4
+    readme = (REPO / "README.md").read_text()
+    for name in made:
+        assert f"(docs/figures/{name})" in readme, name
+        assert (out / name).stat().st_size < 120_000 and (REPO / "docs/figures" / name).stat().st_size < 120_000
+        assert Image.open(out / name).width <= 560
+    proc = run([sys.executable, "docs/figures.py", "--from", str(tmp_path / "nothing")], root, check=False)
+    assert proc.returncode == 1 and "run `dvc repro` first" in proc.stderr
