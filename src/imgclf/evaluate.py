@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -311,7 +312,9 @@ def main(argv: list[str] | None = None) -> None:
             for name in names:
                 source = (out if name in METRIC_FILES else plot_dir) / name
                 mlflow.log_artifact(str(source), artifact_path=folder)
-        mlflow.log_table(pd.DataFrame(per_class_rows(result)), artifact_file="evaluation/per_class_table.json")
+        with warnings.catch_warnings():  # MLflow's own pandas call, deprecated in pandas 3
+            warnings.filterwarnings("ignore", message="For backward compatibility, 'str' dtypes")
+            mlflow.log_table(pd.DataFrame(per_class_rows(result)), artifact_file="evaluation/per_class_table.json")
     print("evaluate: " + ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items()))
 
 
