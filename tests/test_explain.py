@@ -195,8 +195,8 @@ def test_readme_explain_writes_an_overlay_per_image(built_project, tmp_path):
     assert proc.stdout.count("explain: digit-3.png: 3 (") == 1, proc.stdout
     assert Image.open(out / "digit-3.png.png").format == "PNG"
 
-    proc = run([sys.executable, "-m", "imgclf.explain", "models:/digits-lenet@champion", str(photos), "--out", str(out)],
-               root)  # fmt: skip
+    command = [sys.executable, "-m", "imgclf.explain", "models:/digits-lenet@champion", str(photos), "--out", str(out)]
+    proc = run(command, root)
     written = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
     assert written == ["digit-3.png.png", "sub/three.jpg.png", "three-0.png.png", "three-1.png.png", "three-2.png.png"]
     assert "4 of 4 files explained" in proc.stdout

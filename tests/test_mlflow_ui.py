@@ -163,3 +163,18 @@ def test_the_mlflow_ui_shows_both_runs_their_accuracy_and_the_explanations(two_r
         "4-compare-metrics.png",
         "5-artifacts-gradcam.png",
     ]
+
+
+def test_dvc_exp_show_compares_the_two_runs(two_runs):
+    """The same two runs side by side in DVC: their params and test metrics, ECE and ROC AUC included."""
+    import csv
+    import io
+
+    root, _, runs = two_runs
+    table = list(csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--csv"], root).stdout)))
+    rows = {row["Experiment"]: row for row in table if row["Experiment"] in RUNS}
+    assert set(rows) == set(RUNS)
+    for name, row in rows.items():
+        assert row["train.epochs"] == str(RUNS[name])
+        for metric in ("accuracy", "f1_macro", "roc_auc_macro", "ece"):
+            assert float(row[metric]) == pytest.approx(runs[name].data.metrics[f"test/{metric}"]), (name, metric)

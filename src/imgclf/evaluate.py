@@ -39,11 +39,11 @@ from sklearn import metrics
 
 from imgclf import plots
 from imgclf.allocator import keep_freed_memory
-from imgclf.config import Params, stage_params
+from imgclf.config import EvaluateConfig, Params, stage_params
 from imgclf.devices import resolve_device
 from imgclf.files import write_bytes, write_json
 from imgclf.gradcam import gradcam, seeded_sample
-from imgclf.models import WEIGHTS_FILE, load_checkpoint_dir, predict_proba
+from imgclf.models import WEIGHTS_FILE, Classifier, load_checkpoint_dir, predict_proba
 from imgclf.progress import Progress
 from imgclf.tracking import resume_pipeline_run
 
@@ -199,8 +199,15 @@ def _caption(i: int, labels: np.ndarray, probs: np.ndarray, classes: list[str]) 
     return f"#{i} actual {actual} ({probs[i, labels[i]]:.2f})\npredicted {classes[best]} ({probs[i, best]:.2f})"
 
 
-def figures(model, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, classes: list[str],
-            result: Report, cfg) -> dict[str, bytes]:  # fmt: skip
+def figures(
+    model: Classifier,
+    images: np.ndarray,
+    labels: np.ndarray,
+    probs: np.ndarray,
+    classes: list[str],
+    result: Report,
+    cfg: EvaluateConfig,
+) -> dict[str, bytes]:
     """Every picture and plot file of `evaluate.plots_dir`, by file name."""
     table, ece = calibration(labels, probs)
     rows = per_class_rows(result)
@@ -261,7 +268,7 @@ ARTIFACT_FOLDERS = {
         "confusion_normalized.png",
         "per_class.csv",
         "per_class.png",
-    ),  # fmt: skip
+    ),
     "evaluation/curves": ("roc.png", "pr.png", "roc.csv", "pr.csv", "calibration.csv", "reliability.png"),
     "evaluation/errors": ("top_losses.png",),
     "gradcam": ("gradcam_correct.png", "gradcam_wrong.png"),

@@ -108,8 +108,15 @@ def reliability_figure(bins: dict[str, np.ndarray], ece: float) -> Figure:
     edges = bins["edges"]
     width = np.diff(edges)
     filled = bins["count"] > 0
-    top.bar(edges[:-1][filled], bins["accuracy"][filled], width=width[filled], align="edge", edgecolor="black",
-            color="tab:blue", label="accuracy")  # fmt: skip
+    top.bar(
+        edges[:-1][filled],
+        bins["accuracy"][filled],
+        width=width[filled],
+        align="edge",
+        edgecolor="black",
+        color="tab:blue",
+        label="accuracy",
+    )
     top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
     top.set_ylabel("accuracy in the bin")
     top.set_ylim(0, 1)
@@ -153,8 +160,8 @@ def overlay_figure(image: np.ndarray, cam: np.ndarray, caption: str) -> Figure:
     ax = fig.subplots()
     gray = image.shape[-1] == 1
     ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None)
-    ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=(-0.5, width - 0.5, height - 0.5, -0.5),
-              interpolation="bilinear")  # fmt: skip
+    extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # the map stretched over the whole picture
+    ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=extent, interpolation="bilinear")
     ax.axis("off")
     ax.set_title(caption, fontsize=11)
     return fig
