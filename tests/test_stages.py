@@ -60,8 +60,10 @@ def test_all_stages_in_process(workdir):
 
     evaluate.main(argv)
     metrics = json.loads((workdir / "metrics/test.json").read_text())
-    assert set(metrics) == {"accuracy", "recall_macro", "precision_macro", "f1_macro"}
+    assert set(metrics) == {"accuracy", "recall_macro", "precision_macro", "f1_macro", "roc_auc_macro", "ece"}
     assert (workdir / "metrics/confusion.png").read_bytes().startswith(b"\x89PNG")
+    figures = {p.name for p in (workdir / "metrics/plots").iterdir()}
+    assert {"roc.png", "reliability.png", "top_losses.png", "gradcam_correct.png", "calibration.csv"} <= figures
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

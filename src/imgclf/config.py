@@ -206,6 +206,10 @@ class TrainConfig:
 class EvaluateConfig:
     batch_size: int = _bounded(ge=1)
     metrics_dir: str
+    plots_dir: str
+    top_losses: int = _bounded(ge=0)
+    gradcam_images: int = _bounded(ge=0)
+    seed: int
 
 
 @dataclass(frozen=True)

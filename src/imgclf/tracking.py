@@ -131,7 +131,9 @@ def start_pipeline_run(experiment_name: str, resume_run_id: str | None = None):
     and `resume_run_id` (training resumed from a checkpoint) the run that checkpoint belongs to."""
     experiment_id = configure(experiment_name)
     run_id = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
-    # CPU and memory (and GPU, with nvidia-ml-py) sampled in the background while training runs.
+    # CPU and memory (and GPU, with nvidia-ml-py) sampled in the background while training runs, every
+    # second: at MLflow's default of 10 s, a training shorter than that (digits: about 2 s) logs none.
+    mlflow.set_system_metrics_sampling_interval(1)
     if run_id:
         run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
     else:

@@ -48,6 +48,7 @@ ARTIFACTS: dict[str, tuple[str, str] | None] = {
     "${evaluate.metrics_dir}/per_class.json": ("evaluation", "Artifact"),
     "${evaluate.metrics_dir}/predictions.csv": ("evaluation", "Artifact"),
     "${evaluate.metrics_dir}/confusion.png": ("evaluation", "Artifact"),
+    "${evaluate.plots_dir}": ("figures", "Artifact"),
     # The resumable training state stays inside the train task (a retried task trains from scratch).
     "${train.checkpoint_dir}": None,
 }
