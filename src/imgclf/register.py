@@ -37,6 +37,7 @@ from imgclf.tracking import log_dvc_hashes, resume_pipeline_run
 ALIAS = "champion"
 # A registered version's tag: the hash of what it serves (content_key).
 CONTENT_TAG = "imgclf.content_sha256"
+REGISTERED_FILE = "registered.json"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -170,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
             previous_accuracy,
         )
     write_json(params.register.receipt, asdict(receipt))
+    # The stage's DVC output: what was registered, the same for the same code, params and data (the
+    # receipt names a version and a run, which differ from store to store). A fresh clone lacks it, so
+    # its first `dvc repro` registers the model in its own store even when train's outputs match dvc.lock.
+    write_json(model_dir / REGISTERED_FILE, {"model_name": name, CONTENT_TAG: key})
     verdict = "champion" if champion else f"champion stays version {previous}"
     print(f"register: {name} version {version}{note} (val_accuracy {val_accuracy:.4f}): {verdict}")
 
