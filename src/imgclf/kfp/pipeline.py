@@ -51,6 +51,8 @@ ARTIFACTS: dict[str, tuple[str, str] | None] = {
     "${evaluate.plots_dir}": ("figures", "Artifact"),
     # The resumable training state stays inside the train task (a retried task trains from scratch).
     "${train.checkpoint_dir}": None,
+    # What register registered: DVC's sign that the stage ran; in KFP, register's receipt output says it.
+    "${train.model_dir}/registered.json": None,
 }
 # evaluate's confusion matrix as KFP's ClassificationMetrics (the UI draws it), from predictions.csv.
 CONFUSION = ("confusion", "ClassificationMetrics", "${evaluate.metrics_dir}/predictions.csv")
