@@ -202,19 +202,24 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 def start_server(root: Path, port: int) -> subprocess.Popen:
     """A real `mlflow server` on `port`, its SQLite store and artifacts under `root`, once it answers."""
+    store = [
+        "--backend-store-uri",
+        f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+    ]
+    return start_mlflow(["server", "--host", "127.0.0.1", "--port", str(port), *store], root, port)
+
+
+def start_ui(root: Path, port: int) -> subprocess.Popen:
+    """`mlflow ui` as the README starts it (from the root, no store flags) on `port`, once it answers."""
+    return start_mlflow(["ui", "--port", str(port)], root, port)
+
+
+def start_mlflow(args: list[str], root: Path, port: int) -> subprocess.Popen:
+    """`mlflow *args` run in `root`, in its own process group (see stop), once /health answers."""
     server = subprocess.Popen(
-        [
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-        ],
+        ["mlflow", *args],
         cwd=root,
         env=project_env(),
         stdout=subprocess.DEVNULL,
@@ -227,10 +232,10 @@ def start_server(root: Path, port: int) -> subprocess.Popen:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
             return True
         except OSError:
-            assert server.poll() is None, "mlflow server exited"
+            assert server.poll() is None, f"mlflow {args[0]} exited"
             return False
 
-    wait_for(up, 120, "the MLflow server")
+    wait_for(up, 120, f"mlflow {args[0]}")
     return server
 
 

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from conftest import free_port, fresh_copy, project_env, run, wait_for
+from conftest import free_port, fresh_copy, run, start_ui, stop
 
 pytestmark = pytest.mark.integration
 
@@ -45,30 +43,12 @@ def two_runs(tmp_path_factory):
 @pytest.fixture
 def ui(two_runs):
     """`mlflow ui` as the README starts it (from the root, no flags), on a free port."""
-    root = two_runs[0]
     port = free_port()
-    server = subprocess.Popen(
-        ["mlflow", "ui", "--port", str(port)],
-        cwd=root,
-        env=project_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-
-    def up() -> bool:
-        assert server.poll() is None, "mlflow ui exited"
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
+    server = start_ui(two_runs[0], port)
     try:
-        wait_for(up, 120, "mlflow ui")
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        stop(server)
 
 
 @pytest.fixture

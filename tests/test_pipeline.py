@@ -9,7 +9,6 @@ import json
 import os
 import re
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import REPO, free_port, fresh_copy, readme_command, run
+from conftest import REPO, free_port, fresh_copy, readme_command, run, start_ui, stop
 from imgclf.config import load_params
 
 pytestmark = pytest.mark.integration
@@ -211,32 +210,13 @@ def test_artifacts_live_beside_the_store(built_project):
 
 def test_mlflow_ui_shows_the_experiment(built_project):
     """README: `mlflow ui` from the repository root finds the pipeline's store with no flags."""
-    import subprocess
-
-    from conftest import project_env
-
     root, _ = built_project
     port = free_port()
-    server = subprocess.Popen(
-        ["mlflow", "ui", "--port", str(port)],
-        cwd=root,
-        env=project_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    server = start_ui(root, port)
     try:
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=image-classifier"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    body = json.loads(response.read())
-                break
-            except OSError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise
-                time.sleep(0.5)
+        with urllib.request.urlopen(url, timeout=30) as response:
+            body = json.loads(response.read())
         assert body["experiment"]["name"] == "image-classifier"
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        stop(server)
