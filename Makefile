@@ -9,7 +9,9 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: run test test-fast lint format venv clean
 
+# params.yaml is checked first: DVC would expand a chain of YAML aliases in it before any stage refused it.
 run: $(VENV)/.installed
+	python -m imgclf.config --params params.yaml
 	dvc repro
 
 # pytest exits 5 when it collects no tests: say so, and fail.
@@ -38,10 +40,11 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	touch $@
 
-# The development tools, and the kfp extra (python -m imgclf.kfp) so that the tests and CI run its tests.
+# The development tools, and the extras kfp (python -m imgclf.kfp), s3 (a DVC remote on S3) and server (the
+# tracking server's basic-auth app) so that the tests and CI run their tests.
 $(VENV)/.dev-installed: $(VENV)/.installed requirements-dev.txt
 	$(VENV)/bin/python -m pip install --quiet -r requirements-dev.txt
-	$(VENV)/bin/python -m pip install --quiet -e ".[kfp]"
+	$(VENV)/bin/python -m pip install --quiet -e ".[kfp,s3,server]"
 	touch $@
 
 clean:

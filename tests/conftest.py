@@ -39,6 +39,10 @@ _LEAKY = (
     "MLFLOW_RUN_ID",
     "MLFLOW_EXPERIMENT_ID",
     "MLFLOW_EXPERIMENT_NAME",
+    # A test acting as a server's admin must not lend its credentials to the pipeline it runs.
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
     "DVC_ROOT",
     "DVC_EXP_NAME",
 )
@@ -192,6 +196,18 @@ def built_project(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return root, run(["dvc", "repro"], root)
 
 
+@pytest.fixture(scope="session")
+def built_int8_project(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """A fresh copy on which `dvc repro` has run once with compress.method int8 (and 5 epochs of training,
+    not 20). Read-only for tests."""
+    root = fresh_copy(tmp_path_factory.mktemp("built-int8") / "project")
+    params = default_params()
+    params["compress"]["method"] = "int8"
+    params["train"]["epochs"] = 5
+    write_params(root, params)
+    return root, run(["dvc", "repro"], root)
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -216,12 +232,13 @@ def start_ui(root: Path, port: int) -> subprocess.Popen:
     return start_mlflow(["ui", "--port", str(port)], root, port)
 
 
-def start_mlflow(args: list[str], root: Path, port: int) -> subprocess.Popen:
-    """`mlflow *args` run in `root`, in its own process group (see stop), once /health answers."""
+def start_mlflow(args: list[str], root: Path, port: int, **env: str) -> subprocess.Popen:
+    """`mlflow *args` run in `root` (with these environment variables), in its own process group (see
+    stop), once /health answers."""
     server = subprocess.Popen(
         ["mlflow", *args],
         cwd=root,
-        env=project_env(),
+        env=project_env(**env),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -235,7 +252,12 @@ def start_mlflow(args: list[str], root: Path, port: int) -> subprocess.Popen:
             assert server.poll() is None, f"mlflow {args[0]} exited"
             return False
 
-    wait_for(up, 120, f"mlflow {args[0]}")
+    try:
+        wait_for(up, 300, f"mlflow {args[0]}")  # minutes, on a busy machine
+    except AssertionError:
+        if server.poll() is None:  # not left running after a start that timed out
+            stop(server)
+        raise
     return server
 
 

@@ -198,6 +198,7 @@ def test_download_stage_leaves_nothing_at_raw_dir_on_failure(tmp_path, monkeypat
         channels=None,
         on_bad_image="fail",
         max_pixels=10**8,
+        max_archive_bytes=10**9,
         raw_dir="data/raw",
     )
     with pytest.raises(DataError):

@@ -82,6 +82,9 @@ def test_image_folder_data_is_named_after_its_file(tmp_path, path, name):
         (lambda p: p["serve"].update(max_image_pixels=200_000_000), "serve.max_image_pixels: must be <= 178,956,970"),
         (lambda p: p["data"].update(cifar100_labels="medium"), "data.cifar100_labels: must be one of"),
         (lambda p: p["register"].update(model_name="bad name/with@"), "register.model_name"),
+        (lambda p: p["compress"].update(method="int4"), "compress.method: must be one of"),
+        (lambda p: p["compress"].update(prune_amount=1.0), "compress.prune_amount: must be < 1"),
+        (lambda p: p["compress"].update(calibration_images=0), "compress.calibration_images: must be >= 1"),
         (lambda p: p.update(train=[1, 2]), "train: expected a mapping"),
     ],
 )
@@ -102,7 +105,7 @@ def test_missing_and_malformed_files(tmp_path):
         load_params(bad)
 
 
-@pytest.mark.parametrize("stage", ["download", "prepare", "train", "evaluate", "register"])
+@pytest.mark.parametrize("stage", ["download", "prepare", "train", "evaluate", "compress", "register"])
 def test_every_stage_exits_2_before_any_work(tmp_path, stage):
     path = edited_params(tmp_path, lambda p: p["train"].update(lr=0))
     before = sorted(tmp_path.rglob("*"))

@@ -63,7 +63,7 @@ def code_files(module: str) -> set[str]:
 
 
 def test_stage_names_are_modules():
-    assert list(STAGES) == ["download", "prepare", "train", "evaluate", "register"]
+    assert list(STAGES) == ["download", "prepare", "train", "evaluate", "compress", "register"]
 
 
 @pytest.mark.parametrize("name", list(STAGES))

@@ -287,7 +287,7 @@ def test_every_file_is_decoded_exactly_once(tmp_path):
     source = make_folder(tmp_path / "pets", BALANCED)
     archive_path = tmp_path / "pets.tar"
     archives.pack_folder(source, archive_path)
-    archive = archives.Archive(archive_path)
+    archive = archives.Archive(archive_path, 10**9)
     listing = imagefolder.list_entries(*archive.listing())
     plan = {e.name: ("all", row) for row, e in enumerate(listing.entries)}
     arrays = {"all": np.zeros((len(plan), 8, 8, 3), np.uint8)}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgclf.images import ImageError, decode, encode_png, to_array
+from imgclf.images import ImageError, ImageTooLarge, decode, dimensions, encode_png, to_array
 
 
 def encoded(mode: str, size: tuple[int, int], fmt: str) -> bytes:
@@ -53,3 +53,12 @@ def test_decode_matches_the_prepare_path():
 def test_bad_bytes_raise_image_error(data):
     with pytest.raises(ImageError):
         decode(data, 32, 3)
+
+
+def test_dimensions_come_from_the_header_and_refuse_over_the_limit():
+    data = encoded("L", (300, 200), "PNG")
+    assert dimensions(data) == (300, 200)
+    with pytest.raises(ImageTooLarge, match="300x200 is 60,000 pixels, over the limit of 59,999"):
+        dimensions(data, max_pixels=59_999)
+    with pytest.raises(ImageError, match="not an image file"):
+        dimensions(b"not an image")

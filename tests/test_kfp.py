@@ -182,6 +182,39 @@ def test_without_the_kfp_extra_the_command_says_how_to_install_it_and_exits_2(tm
     assert "Traceback" not in proc.stderr
 
 
+def test_a_tasks_own_copy_of_an_input_is_what_its_dvc_lock_names(tmp_path):
+    """register takes in train's model and compress's model; compress's artifact also carries, in its lock,
+    train's model where compress's task had it. register's lock must name register's copy (its run's
+    dvc.model.md5 tag comes from it)."""
+    from types import SimpleNamespace
+
+    from imgclf.kfp.step import LOCK_KEY, _inputs
+
+    weights_out, compressed_out = "${train.model_dir}/model.safetensors", "${compress.model_dir}"
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "compressed").mkdir()
+    entry = {"md5": "0" * 32, "size": 7}
+    values = {
+        "model": SimpleNamespace(
+            path=str(tmp_path / "train"), metadata={LOCK_KEY: {weights_out: {**entry, "path": "/gone"}}}
+        ),
+        "compressed": SimpleNamespace(
+            path=str(tmp_path / "compressed"),
+            metadata={LOCK_KEY: {weights_out: {**entry, "path": "/elsewhere/model.safetensors"}}},
+        ),
+    }
+    for order in (["model", "compressed"], ["compressed", "model"]):
+        spec = {"inputs": {name: {"model": [weights_out], "compressed": [compressed_out]}[name] for name in order}}
+        params = {"train": {"model_dir": "models"}, "compress": {"model_dir": "models/compressed"}}
+        work = tmp_path / "-".join(order)
+        lock = _inputs(values, spec, params, work)
+        local = work / "files" / "train.model_dir" / "model.safetensors"
+        assert lock[weights_out]["path"] == str(local) and local.read_bytes() == b"weights", order
+        assert lock[weights_out]["md5"] == entry["md5"]
+        assert params["compress"]["model_dir"] == str(tmp_path / "compressed")
+
+
 def test_the_pytorchjob_manifest_runs_the_train_stage_with_torchrun():
     manifest = yaml.safe_load((REPO / "kubeflow" / "pytorchjob.yaml").read_text())
     assert manifest["apiVersion"] == "kubeflow.org/v1" and manifest["kind"] == "PyTorchJob"

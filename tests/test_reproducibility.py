@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import default_params, project_env, write_params
+from imgclf import checkpoint
 
 
 def stage(root: Path, name: str, uri: str | None = None) -> subprocess.CompletedProcess:
@@ -101,9 +102,8 @@ def test_checkpoint_of_other_params_is_not_resumed(workdir):
     # The checkpoint is of a run that finished: there was nothing to resume, so nothing is said.
     assert "resuming" not in proc.stdout
     # One of a run that stopped half way (here: a 2-epoch checkpoint of a 5-epoch run) is worth a word.
-    path = workdir / "models/checkpoint/last.pt"
-    state = torch.load(path, weights_only=True)
-    torch.save({**state, "epochs": 5}, path)
+    state = checkpoint.load(workdir / "models/checkpoint")
+    checkpoint.save({**state, "epochs": 5}, workdir / "models/checkpoint")
     set_params(workdir, epochs=2, lr=0.003)
     proc = stage(workdir, "train")
     assert proc.returncode == 0

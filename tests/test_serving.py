@@ -1,4 +1,5 @@
-"""A real `mlflow models serve` process on the registered champion, driven over HTTP on loopback."""
+"""A real `mlflow models serve` process on the registered champion, driven over HTTP on loopback: the float
+model, and its int8 copy (compress.method int8, registered as <name>-int8), with the same tests."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from imgclf.images import encode_png
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def server(built_project):
-    """The README's serve command, on a free port, from the built project's root."""
-    root, _ = built_project
+@pytest.fixture(scope="module", params=["float", "int8"])
+def server(request):
+    """The README's serve command, on a free port, from the built project's root; for int8, on the
+    project built with compress.method int8, serving models:/digits-lenet-int8@champion."""
+    root, _ = request.getfixturevalue("built_project" if request.param == "float" else "built_int8_project")
     port = free_port()
-    command = readme_command("mlflow models serve").replace("-p 5001", f"-p {port}")
+    guarded = "UVICORN_HTTP=imgclf.connection:GuardedH11Protocol mlflow models serve"
+    prefix = guarded if request.param == "float" else f'{guarded} -m "models:/digits-lenet-int8'
+    command = readme_command(prefix).replace("-p 5001", f"-p {port}")
     assert f"-p {port}" in command
     proc = subprocess.Popen(
         command,
@@ -67,11 +71,24 @@ def images_request(images: list[bytes]) -> bytes:
     return json.dumps({"inputs": [base64.b64encode(b).decode() for b in images]}).encode()
 
 
+def expected_predictions(root) -> list[dict]:
+    """What evaluate wrote for the float model; for an int8 project, its graph under onnxruntime here."""
+    with open(root / "metrics/predictions.csv") as f:
+        expected = list(csv.DictReader(f))
+    graph = root / "models/compressed/model.onnx"
+    if graph.exists():
+        from imgclf.onnx_model import OnnxClassifier
+
+        classes = json.loads((root / "models/model.json").read_text())["classes"]
+        probs = OnnxClassifier(graph, len(classes)).predict_proba(np.load(root / "data/prepared/test_images.npy"))
+        expected = [{"predicted": classes[p.argmax()], "probability": p.max()} for p in probs]
+    return expected
+
+
 def test_http_predictions_equal_evaluate_predictions(server):
     root, url, _ = server
     images = np.load(root / "data/prepared/test_images.npy")
-    with open(root / "metrics/predictions.csv") as f:
-        expected = list(csv.DictReader(f))
+    expected = expected_predictions(root)
     got = []
     for start in range(0, len(images), 120):  # under serve.max_images per request
         status, body = post(url, images_request([encode_png(image) for image in images[start : start + 120]]))
@@ -210,13 +227,43 @@ def _bad_requests(good: bytes) -> dict[str, tuple[bytes, str, int, str]]:
             413,
             "input 0: more than 178,956,970 pixels, over the limit of 40,000,000",
         ),
-        "wrong content type": (b"inputs=1", "text/plain", 415, "Content-Type: application/json"),
-        "50 MB body": (
-            b'{"inputs": ["' + b"A" * 50_000_000 + b'"]}',
+        "JSON nested 100,000 levels deep": (
+            b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+            "application/json",
+            400,
+            "nested too deeply",
+        ),
+        "a number of 5,000 digits": (
+            b'{"inputs": {"array": "AA==", "shape": [' + b"9" * 5000 + b', 1, 1, 1], "dtype": "uint8"}}',
+            "application/json",
+            400,
+            "5,000 digits, more than 18",
+        ),
+        "a number of 4,000 digits": (
+            as_json({"inputs": {**array, "shape": [int("9" * 4000), 8, 8, 1]}}),
+            "application/json",
+            400,
+            "4,000 digits, more than 18",
+        ),
+        "booleans in shape": (
+            as_json({"inputs": {**array, "shape": [True, 8, 8, True]}}),
+            "application/json",
+            400,
+            "array shape must be [N, H, W, C] of positive integers, got [True, 8, 8, True]",
+        ),
+        "a 10,000-character dtype": (
+            as_json({"inputs": {**array, "dtype": "x" * 10_000}}),
+            "application/json",
+            400,
+            "array dtype must be uint8, got 'xxxxxxxxx...",
+        ),
+        "pixels over the request budget": (
+            as_json({"inputs": [_b64(_png_claiming(6000, 6000)), _b64(_png_claiming(6000, 6000))]}),
             "application/json",
             413,
-            "over the limit of 20,000,000",
+            "inputs 0-1: 72,000,000 pixels, over the limit of 50,000,000 per request",
         ),
+        "wrong content type": (b"inputs=1", "text/plain", 415, "Content-Type: application/json"),
     }
 
 
@@ -232,8 +279,8 @@ def test_bad_input_gets_a_short_4xx_and_the_server_keeps_serving(server, case):
     assert text in got["message"], got["message"]
     raw = json.dumps(got)
     assert len(raw) < 500 and "Traceback" not in raw and "stack_trace" not in got  # no echo, no trace
-    if case == "decompression bomb":
-        assert elapsed < 1.0  # refused from the header, nothing allocated
+    if case in ("decompression bomb", "pixels over the request budget"):
+        assert elapsed < 1.0  # refused from the headers, nothing allocated
     status, after = post(url, images_request([good]))
     assert status == 200 and len(after["predictions"]) == 1
 

@@ -36,7 +36,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def test_all_stages_in_process(workdir):
-    from imgclf import download, evaluate, prepare, register, train
+    from imgclf import compress, download, evaluate, prepare, register, train
 
     argv = ["--params", "params.yaml"]
     download.main(argv)
@@ -64,6 +64,9 @@ def test_all_stages_in_process(workdir):
     assert (workdir / "metrics/confusion.png").read_bytes().startswith(b"\x89PNG")
     figures = {p.name for p in (workdir / "metrics/plots").iterdir()}
     assert {"roc.png", "reliability.png", "top_losses.png", "gradcam_correct.png", "calibration.csv"} <= figures
+
+    compress.main(argv)  # compress.method none: nothing compressed, nothing more registered
+    assert json.loads((workdir / "metrics/compress.json").read_text()) == {"method": "none"}
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -64,8 +64,8 @@ def test_changing_lr_reruns_train_evaluate_register_only(project):
         assert f"Running stage '{stage}'" in proc.stdout
     after = json.loads((project / "models/registration.json").read_text())
     assert after["version"] == "2" and after["run_id"] != before["run_id"]
-    # The alias moves only to a version with strictly better validation accuracy.
-    assert after["champion"] == (after["val_accuracy"] > before["val_accuracy"])
+    # The alias moves only to a version with strictly better test accuracy (evaluate's, of its weights).
+    assert after["champion"] == (after["test_accuracy"] > before["test_accuracy"])
     champion = client_for(project).get_model_version_by_alias("digits-lenet", "champion")
     assert champion.version == (2 if after["champion"] else 1)
     assert len(runs_of(project)) == 2
@@ -86,6 +86,16 @@ def test_dvc_exp_run_lands_in_the_same_store(project):
     assert exp_name in narrow and "train.epochs" in narrow and "f1_macro" in narrow
     assert "data.dataset" not in narrow and "src/imgclf" not in narrow
     assert "test/accuracy" in exp_run.data.metrics
+
+
+def test_an_experiment_that_skips_train_logs_into_the_run_that_trained_the_weights(project):
+    """`dvc exp run` of a change after train: DVC skips train, and evaluate finds the run that trained the
+    weights although it belongs to no experiment of that name (it used to stop: no MLflow run)."""
+    before = len(runs_of(project))
+    proc = run(["dvc", "exp", "run", "-S", "evaluate.top_losses=4"], project)
+    assert "Stage 'train' didn't change, skipping" in proc.stdout
+    assert "Running stage 'evaluate'" in proc.stdout
+    assert len(runs_of(project)) == before
 
 
 def test_queued_experiment_lands_in_the_root_store(project):

@@ -5,7 +5,9 @@ A checkpoint holds the model, optimizer, scheduler, grad scaler and EMA states, 
 generator, the epoch, the per-epoch metrics so far and the MLflow run id, plus a fingerprint of what
 it belongs to. It is written to a temporary file, fsynced and renamed, so a kill during a save leaves
 the previous checkpoint intact; it loads with `torch.load(weights_only=True)` (tensors and plain
-containers only, no pickled objects).
+containers only, no pickled objects). It carries the SHA-256 of its own content (imgclf.integrity),
+checked on load: a file damaged in place (which torch still loads) or holding non-finite weights is
+treated like an unreadable one: said, ignored, and training starts afresh.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import torch
 
 from imgclf.config import Params
 from imgclf.files import write_bytes
+from imgclf.integrity import content_sha256, nonfinite, nonfinite_message
 
 FILE = "last.pt"
+CHECKSUM_KEY = "content_sha256"
 PACKAGE_DIR = Path(__file__).resolve().parent
 # Output locations do not change what training computes.
 _NOT_FINGERPRINTED = {"model_dir", "metrics_dir", "checkpoint_dir"}
@@ -45,17 +49,32 @@ def fingerprint(params: Params, prepared_dir: str | Path) -> str:
 
 def save(state: dict[str, Any], checkpoint_dir: str | Path) -> None:
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    torch.save({**state, CHECKSUM_KEY: content_sha256(state)}, buffer)
     write_bytes(Path(checkpoint_dir) / FILE, buffer.getvalue())
 
 
 def load(checkpoint_dir: str | Path) -> dict[str, Any] | None:
-    """The last checkpoint, or None when there is none (or it cannot be read: then say so)."""
+    """The last checkpoint, or None when there is none (or it cannot be trusted: then say why)."""
     path = Path(checkpoint_dir) / FILE
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        problem = damage(state)
     except Exception as exc:  # a foreign or damaged file: never resume from it
-        print(f"train: ignoring unreadable checkpoint {path} ({type(exc).__name__}: {exc})")
+        problem = f"unreadable: {type(exc).__name__}: {exc}"
+    if problem:
+        print(f"train: ignoring checkpoint {path} ({problem}); starting afresh")
         return None
+    return state
+
+
+def damage(state: Any) -> str | None:
+    """What makes a loaded checkpoint untrustworthy, or None: no checksum, a checksum that does not match
+    its content, or model weights that are not finite. Removes the checksum from `state`."""
+    if not isinstance(state, dict) or CHECKSUM_KEY not in state:
+        return "it carries no content checksum"
+    if state.pop(CHECKSUM_KEY) != content_sha256(state):
+        return "its content does not match its checksum: the file was damaged"
+    bad = nonfinite(state.get("model") or {})
+    return nonfinite_message(bad, "its model weights") if bad else None

@@ -85,6 +85,9 @@ class DataConfig:
     on_bad_image: Literal["fail", "skip"]
     # Largest image accepted, in pixels (width x height, read from the file header).
     max_pixels: int = _bounded(ge=1, le=PILLOW_MAX_PIXELS)
+    # Most bytes an imagefolder archive's files may expand to, all together: checked against the sizes
+    # its headers declare before anything is inflated, and while reading (a decompression bomb's defence).
+    max_archive_bytes: int = _bounded(ge=1)
     raw_dir: str
 
     @property
@@ -118,7 +121,8 @@ class PrepareConfig:
 # Train keys that say where and how a run executes, not what it trains: params.yaml sets them, never a
 # preset. Every other train key is a recipe key: null in params.yaml takes the preset's value.
 RUN_KEYS = frozenset(
-    {"preset", "seed", "device", "threads", "deterministic", "model_dir", "metrics_dir", "checkpoint_dir"}
+    {"preset", "seed", "device", "threads", "processes", "deterministic", "model_dir", "metrics_dir", "checkpoint_dir"}
+    | {"dp_epsilon", "dp_delta", "dp_max_grad_norm"}  # a promise about the data (imgclf.privacy), not a recipe
 )
 
 
@@ -173,8 +177,16 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"]
     channels_last: bool
     compile: bool
-    threads: int = _bounded(ge=0)  # 0 = one per CPU core
+    threads: int = _bounded(ge=0)  # per process; 0 = the CPU cores shared out among the processes
+    # Training processes on this machine (DDP, imgclf.distributed): the stage launches them through
+    # torch.distributed.run; each trains on its share of every batch (batch_size is the global batch).
+    processes: int = _bounded(ge=1)
     deterministic: bool
+    # Differential privacy (DP-SGD, imgclf.privacy): the whole run's target epsilon, 0 = off; its delta,
+    # null = 1 / the number of training images; the per-sample gradient norm clipped to.
+    dp_epsilon: float = _bounded(ge=0)
+    dp_delta: float | None = _bounded(gt=0, lt=1)
+    dp_max_grad_norm: float = _bounded(gt=0)
     seed: int
     device: str = _bounded(pattern=r"auto|cpu|cuda(:\d+)?|mps")
     model_dir: str
@@ -192,6 +204,10 @@ class TrainConfig:
             raise ConfigError("train.lookahead: needs train.ema_decay > 0 (the average it looks ahead to)")
         if self.whiten_bias_epochs and not self.model.startswith("fastnet"):
             raise ConfigError(f"train.whiten_bias_epochs: only fastnet models have a whitening layer, not {self.model}")
+        if self.processes > self.batch_size:
+            raise ConfigError(
+                f"train.processes: {self.processes} processes cannot share batches of train.batch_size {self.batch_size}"
+            )
         if self.alternate_flip and not self.flip:
             raise ConfigError("train.alternate_flip: needs train.flip: true (it says how to flip)")
         if self.freeze_epochs and self.pretrained is None:
@@ -213,9 +229,23 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class CompressConfig:
+    """The compress stage (imgclf.compress)."""
+
+    method: Literal["none", "int8", "prune"]
+    calibration_images: int = _bounded(ge=1)  # int8: training images the activation ranges come from
+    seed: int  # which training images calibrate
+    prune_amount: float = _bounded(gt=0, lt=1)  # prune: share of the inner channels removed
+    finetune_epochs: int = _bounded(ge=0)  # prune: epochs of fine-tuning after pruning
+    model_dir: str
+    metrics_dir: str
+
+
+@dataclass(frozen=True)
 class RegisterConfig:
     model_name: str = _bounded(pattern=_MODEL_NAME)
     receipt: str
+    refuse_chance: bool  # refuse a model whose test accuracy is not better than chance (imgclf.admission)
 
 
 @dataclass(frozen=True)
@@ -225,8 +255,10 @@ class ServeConfig:
     max_request_bytes: int = _bounded(ge=1)  # a whole request body
     max_image_bytes: int = _bounded(ge=1)  # one encoded image file
     max_image_pixels: int = _bounded(ge=1, le=PILLOW_MAX_PIXELS)  # width x height of one image, from its header
+    max_request_pixels: int = _bounded(ge=1)  # width x height summed over a request's images, from their headers
     max_images: int = _bounded(ge=1)  # images in one request
     top_k: int = _bounded(ge=1)  # classes returned per image, most probable first
+    header_timeout_s: float = _bounded(gt=0)  # to send a request's line and headers (connection.py)
 
 
 @dataclass(frozen=True)
@@ -262,6 +294,7 @@ class Params:
     prepare: PrepareConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    compress: CompressConfig
     register: RegisterConfig
     serve: ServeConfig
     mlflow: MlflowConfig
@@ -291,9 +324,22 @@ def read_yaml(path: Path, what: str) -> Any:
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such {what}") from None
     try:
+        _refuse_aliases(text, path)
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def _refuse_aliases(text: str, path: Path) -> None:
+    """Anchors and aliases are refused from the parser's events, before any value is built: a chain of
+    aliases ("billion laughs") builds a value of billions of items that printing or copying exhausts memory."""
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.NodeEvent) and event.anchor is not None:  # AliasEvent is a NodeEvent
+            what = "alias *" if isinstance(event, yaml.AliasEvent) else "anchor &"
+            raise ConfigError(
+                f"{path}: line {event.start_mark.line + 1}: YAML {what}{event.anchor[:40]}: anchors and "
+                "aliases are not allowed in params files (write each value out)"
+            )
 
 
 def parse_value(text: str) -> Any:
@@ -481,3 +527,15 @@ def _kind(value: Any) -> str:
         list: "a list",
         dict: "a mapping",
     }.get(type(value), type(value).__name__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m imgclf.config --params params.yaml`: check a params file without running a stage.
+    Run it before `dvc repro` on a file from elsewhere: DVC reads params.yaml itself first (for ${...}
+    and params dependencies) and would expand a chain of YAML aliases before any stage refuses it."""
+    params = stage_params(argv, main.__doc__)
+    print(f"{params.data.dataset} / train.preset {params.train.preset}: the params file is valid")
+
+
+if __name__ == "__main__":
+    main()

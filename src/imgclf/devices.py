@@ -57,11 +57,12 @@ def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None
     )
 
 
-def configure_torch(cfg: TrainConfig) -> None:
+def configure_torch(cfg: TrainConfig, threads: int | None = None) -> None:
     """Threads and determinism for a training run. (cuBLAS's deterministic mode also needs
     CUBLAS_WORKSPACE_CONFIG, read when CUDA starts, and glibc's allocator is tuned process-wide: the
     command-line entry points do both, with `deterministic_environment` and `keep_freed_memory`.)"""
-    torch.set_num_threads(cfg.threads or available_cpus())  # more threads than cores slows small nets a lot
+    # More threads than cores slows small nets a lot; `threads`: a DDP rank's share of the cores.
+    torch.set_num_threads(threads or cfg.threads or available_cpus())
     torch.use_deterministic_algorithms(cfg.deterministic)
     # On a GPU, cuDNN times its convolution kernels once per input shape and keeps the fastest: the
     # choice can differ between runs, so not when results must repeat. (No effect on a CPU.)

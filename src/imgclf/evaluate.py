@@ -20,7 +20,8 @@ and to `evaluate.plots_dir` (`dvc plots show` draws the CSV files and shows the 
   top_losses.png                the most confidently misclassified test images
   gradcam_correct.png, gradcam_wrong.png  Grad-CAM maps of a fixed, seeded sample of test images
 and logs all of it to the MLflow run the train stage started (folders evaluation/, evaluation/curves/,
-evaluation/errors/ and gradcam/; the per-class table also as an MLflow table).
+evaluation/errors/ and gradcam/; the per-class table also as an MLflow table), tagged with the hash of
+the weights it scored (tracking.EVALUATED_TAG: register admits only weights evaluated so).
 """
 
 from __future__ import annotations
@@ -41,11 +42,13 @@ from imgclf import plots
 from imgclf.allocator import keep_freed_memory
 from imgclf.config import EvaluateConfig, Params, stage_params
 from imgclf.devices import resolve_device
+from imgclf.failures import run_stage
 from imgclf.files import write_bytes, write_json
 from imgclf.gradcam import gradcam, seeded_sample
+from imgclf.integrity import nonfinite, nonfinite_message
 from imgclf.models import WEIGHTS_FILE, Classifier, load_checkpoint_dir, predict_proba
 from imgclf.progress import Progress
-from imgclf.tracking import resume_pipeline_run
+from imgclf.tracking import EVALUATED_TAG, resume_pipeline_run, sha256_file
 
 MAX_CURVES = 10  # classes drawn in the ROC and PR figures
 CALIBRATION_BINS = 15  # equal-width confidence bins, as Guo et al. 2017 ("On Calibration of Modern Neural Networks")
@@ -284,7 +287,13 @@ def main(argv: list[str] | None = None) -> None:
     params: Params = stage_params(argv, __doc__)
     cfg = params.evaluate
     prepared = Path(params.prepare.out_dir)
+    scored = sha256_file(Path(params.train.model_dir) / WEIGHTS_FILE)  # (hashed before loading them)
     model, card = load_checkpoint_dir(params.train.model_dir)
+    if bad := nonfinite(model.state_dict()):  # NaN scores would only fail later, in scikit-learn
+        raise SystemExit(
+            f"error: evaluate: {nonfinite_message(bad, f'the weights in {Path(params.train.model_dir) / WEIGHTS_FILE}')}"
+            ": retrain (dvc repro -f train)"
+        )
     images = np.load(prepared / "test_images.npy", mmap_mode="r")
     labels = np.load(prepared / "test_labels.npy")
     device = resolve_device(params.train.device)
@@ -315,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
                 if values[kind] is not None
             }
         )
+        mlflow.set_tag(EVALUATED_TAG, scored)  # after the metrics: a kill between leaves the old hash
         for folder, names in ARTIFACT_FOLDERS.items():
             for name in names:
                 source = (out if name in METRIC_FILES else plot_dir) / name
@@ -326,4 +336,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)  # a failing store or disk: one line, not a traceback (IMGCLF_DEBUG=1 shows it)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -29,22 +31,41 @@ def to_array(image: Image.Image, size: int, channels: int) -> np.ndarray:
     return array.reshape(size, size, channels)
 
 
+def dimensions(data: bytes, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) of encoded image file bytes, from the file's header: no pixel is decoded.
+    ImageTooLarge over `max_pixels`, ImageError for what Pillow cannot read."""
+    with _reading(data, max_pixels), _open(data) as image:
+        width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,}")
+    return width, height
+
+
 def decode(data: bytes, size: int, channels: int, max_pixels: int | None = None) -> np.ndarray:
     """Encoded image file bytes (PNG, JPEG, anything Pillow reads) -> uint8 (size, size, channels).
 
     `max_pixels` is checked against the size in the file's header, before any pixel is decoded, so a
     decompression bomb (a small file that expands to a huge image) is refused without allocating it."""
+    with _reading(data, max_pixels), _open(data) as image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLarge(f"{width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,}")
+        image.load()
+        return to_array(image, size, channels)
+
+
+def _open(data: bytes) -> Image.Image:
+    with warnings.catch_warnings():
+        # Pillow warns of large images when it opens them; the limit the caller gives is what decides.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
+
+
+@contextlib.contextmanager
+def _reading(data: bytes, max_pixels: int | None) -> Iterator[None]:
+    """Pillow's errors while reading `data` -> ImageError (ImageTooLarge for a decompression bomb)."""
     try:
-        with warnings.catch_warnings():
-            # Pillow warns of large images when it opens them; the limit below is what decides.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-        with image:
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise ImageTooLarge(f"{width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,}")
-            image.load()
-            return to_array(image, size, channels)
+        yield
     except ImageError:
         raise
     except Image.DecompressionBombError:  # Pillow's own backstop, checked when it opens the file

@@ -8,6 +8,7 @@ preprocessing as evaluation.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Callable
@@ -398,6 +399,27 @@ class Classifier(nn.Module):
         return 0.5 * (self.net(x) + self.net(x.flip(3))) if self.tta_flip else self.net(x)
 
 
+# Batch statistics make each image's output depend on the other images in its batch, and running
+# statistics are averages over training images outside any noise: DP-SGD cannot train them.
+BATCH_NORM = (nn.modules.batchnorm._BatchNorm,)
+
+
+def replace_batch_norm(net: nn.Module) -> list[str]:
+    """Replace every BatchNorm layer of `net` in place with GroupNorm as Opacus's ModuleValidator.fix does
+    (gcd(32, channels) groups, the same eps and affine setting); returns the names of the layers replaced.
+
+    Ours, not ModuleValidator.fix itself: a served or evaluated model is rebuilt from its card without
+    Opacus, and fix leaves alone a BatchNorm whose parameters are all frozen, which still normalises
+    with batch statistics."""
+    replaced = [name for name, module in net.named_modules() if isinstance(module, BATCH_NORM)]
+    for name in replaced:
+        old = net.get_submodule(name)
+        parent, _, attr = name.rpartition(".")
+        new = nn.GroupNorm(math.gcd(32, old.num_features), old.num_features, eps=old.eps, affine=old.affine)
+        setattr(net.get_submodule(parent) if parent else net, attr, new)
+    return replaced
+
+
 def constructor(name: str) -> Callable[[int, int, int], nn.Module]:
     """The constructor of one of our architectures: (in_channels, image_size, num_classes) -> net."""
     if name not in ARCHITECTURES:
@@ -411,6 +433,8 @@ def build(card: ModelCard, pretrained: str | None = None) -> Classifier:
         net = torchvision_net(card.model[len(TORCHVISION) :], card.channels, card.num_classes, pretrained)
     else:
         net = constructor(card.model)(card.channels, card.image_size, card.num_classes)
+    if card.train.get("dp_epsilon"):  # trained with DP-SGD, which cannot train batch statistics
+        replace_batch_norm(net)
     return Classifier(
         net, list(card.mean), list(card.std), card.num_classes, tta_flip=card.tta_flip, tta_translate=card.tta_translate
     )

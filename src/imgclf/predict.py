@@ -23,22 +23,23 @@ import numpy as np
 from tqdm import tqdm
 
 from imgclf.data.archives import Archive, hidden
-from imgclf.data.types import archive_suffix
+from imgclf.data.types import DataError, archive_suffix
 from imgclf.files import write_bytes
 from imgclf.models import predict_proba
 from imgclf.serving import RequestError, load_registered, predictions
 
 
-def iter_files(source: Path) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every file in a folder (sorted) or archive, hidden files left out."""
+def iter_files(source: Path, max_archive_bytes: int = 10**9) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every file in a folder (sorted) or archive, hidden files left out (and an
+    archive's links and device files); an archive expanding to more than `max_archive_bytes` is refused."""
     if source.is_dir():
         for path in sorted(p for p in source.rglob("*") if p.is_file()):
             relative = path.relative_to(source).as_posix()
             if not hidden(relative):
                 yield relative, path.read_bytes()
     elif source.is_file() and archive_suffix(source):
-        archive = Archive(source)
-        files, _ = archive.listing()
+        archive = Archive(source, max_archive_bytes, limit_name="--max-archive-bytes")
+        files = archive.listing().files
         yield from archive.read({f for f in files if not hidden(f)})
     else:
         raise ValueError(f"{source}: not a folder or a .tar/.tar.gz/.zip archive")
@@ -55,7 +56,9 @@ def batches(items: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def classify(model, source: Path, top_k: int, batch_size: int, workers: int = 4) -> Iterator[list[str]]:
+def classify(
+    model, source: Path, top_k: int, batch_size: int, workers: int = 4, max_archive_bytes: int = 10**9
+) -> Iterator[list[str]]:
     """CSV rows for every file of `source`, using the served model's decoding and limits."""
 
     def decode(item: tuple[str, bytes]):
@@ -66,7 +69,7 @@ def classify(model, source: Path, top_k: int, batch_size: int, workers: int = 4)
             return name, None, exc.message.removeprefix("input 0: ")
 
     with ThreadPoolExecutor(workers) as pool:  # Pillow decodes without holding the GIL
-        for batch in batches(iter_files(source), batch_size):
+        for batch in batches(iter_files(source, max_archive_bytes), batch_size):
             decoded = list(pool.map(decode, batch))
             good = [array for _, array, _ in decoded if array is not None]
             probs = predict_proba(model.model, np.stack(good)) if good else np.zeros((0, 0))
@@ -87,9 +90,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the CSV to write")
     parser.add_argument("--top-k", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--max-archive-bytes", type=int, default=10**9, help="most an archive's files may expand to (%(default)s)"
+    )
     args = parser.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1:
-        parser.error("--top-k and --batch-size must be at least 1")
+    if args.top_k < 1 or args.batch_size < 1 or args.max_archive_bytes < 1:
+        parser.error("--top-k, --batch-size and --max-archive-bytes must be at least 1")
 
     model = load_registered(args.model_uri)
     buffer = io.StringIO()
@@ -98,11 +104,13 @@ def main(argv: list[str] | None = None) -> None:
     counts = {"ok": 0, "failed": 0}
     try:
         with tqdm(desc="classify", unit="img", disable=not sys.stderr.isatty(), file=sys.stderr) as bar:
-            for row in classify(model, args.source, args.top_k, args.batch_size):
+            for row in classify(
+                model, args.source, args.top_k, args.batch_size, max_archive_bytes=args.max_archive_bytes
+            ):
                 writer.writerow(row)
                 counts["failed" if row[4] else "ok"] += 1
                 bar.update()
-    except ValueError as exc:
+    except (ValueError, DataError) as exc:  # not a folder or archive; an unreadable or oversized archive
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     write_bytes(args.out, buffer.getvalue().encode())

@@ -16,6 +16,7 @@ images carved out stratified by class; then `prepare.val_fraction` of the remain
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def prepare_arrays(raw: RawData, params: Params, out: Path) -> dict:
 def prepare_imagefolder(archive_path: Path, params: Params, out: Path) -> dict:
     """Image folders: list the archive, assign every file a row, decode each file once in parallel."""
     cfg = params.data
-    archive = Archive(archive_path)
+    archive = Archive(archive_path, cfg.max_archive_bytes)
     listing = imagefolder.list_entries(*archive.listing())
     classes = listing.classes
     if len(classes) < 2:
@@ -166,7 +167,8 @@ def prepare_imagefolder(archive_path: Path, params: Params, out: Path) -> dict:
             arrays[split] = compact(out, split, arrays[split], keep)
         arrays[split].flush()
         split_labels[split] = np.array([index[e.label] for e, k in zip(by_split[split], keep) if k], np.int64)
-    return finish(out, params, classes, split_labels, size, channels, skipped=problems, ignored=listing.ignored)
+    skipped = sorted(problems + listing.unsafe)  # unsafe entries are skipped whatever on_bad_image says
+    return finish(out, params, classes, split_labels, size, channels, skipped=skipped, ignored=listing.ignored)
 
 
 def compact(out: Path, split: str, images: np.ndarray, keep: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -223,8 +225,13 @@ def finish(
     return meta
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so that `kill` cleans up (staging folder, workers) as Ctrl-C does
+
+
 def main(argv: list[str] | None = None) -> None:
     params = stage_params(argv, __doc__)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     raw_dir = Path(params.data.raw_dir)
     try:
         with staged_dir(params.prepare.out_dir) as staging:
@@ -235,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     sizes = ", ".join(f"{s} {sum(meta['counts'][s].values())}" for s in SPLITS)
     print(f"prepare: {len(meta['classes'])} classes, {meta['image_size']}px x {meta['channels']}: {sizes}")
 

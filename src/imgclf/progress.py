@@ -82,4 +82,5 @@ def epoch_line(
         f"train: epoch {epoch}/{epochs}, loss {metrics['train_loss']:.4f} / {metrics['val_loss']:.4f} "
         f"(train / val), accuracy {metrics['train_accuracy']:.4f} / {metrics['val_accuracy']:.4f}, "
         f"{images_per_s:,.0f} img/s, {duration(elapsed)}, ETA {duration(remaining_epochs * epoch_s)}"
+        + (f", epsilon {metrics['dp_epsilon']:.3f}" if "dp_epsilon" in metrics else "")  # DP-SGD's, spent so far
     )

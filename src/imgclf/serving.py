@@ -7,9 +7,11 @@ Requests to `POST /invocations` (Content-Type: application/json):
 Each image is converted and resized exactly as the prepare stage did, and normalised inside the model.
 The answer: {"predictions": [{"class", "index", "probability", "top_k": [...]}, ...]}, one per image.
 
-Limits (bytes per request and per image, pixels per image, images per request) come from the `serve`
-section of params.yaml, stored with the model by the register stage, and are checked before anything
-is decoded: pixels from the image header, so a decompression bomb is refused without being allocated.
+Limits (bytes per request and per image, pixels per image and per request, images per request) come
+from the `serve` section of params.yaml, stored with the model by the register stage, and are checked
+before anything is decoded: pixels from the image headers, so a decompression bomb is refused without
+being allocated. Decoding stops, between images, once nobody waits for the answer (ABANDONED, set by
+the connection guard in connection.py: the client went away, or MLflow's request timeout answered).
 
 MLflow's stock scoring server answers 500 to invalid base64, echoes the whole payload in its error
 messages and reads bodies of any size. When `mlflow models serve` loads this model, `load_context`
@@ -23,11 +25,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import contextvars
 import json
 import logging
 import os
+import reprlib
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import mlflow
@@ -38,11 +44,17 @@ from mlflow.pyfunc import scoring_server
 from PIL import Image
 
 from imgclf.config import ConfigError, ServeConfig, from_mapping
-from imgclf.images import ImageError, ImageTooLarge, decode, to_array
+from imgclf.images import ImageError, ImageTooLarge, decode, dimensions, to_array
 from imgclf.models import load_checkpoint, predict_proba
+from imgclf.onnx_model import OnnxClassifier, load_onnx
 from imgclf.tracking import StoreUnavailable, use_store
 
 LIMITS_ARTIFACT = "serving.json"  # the `serve` section, as register stored it with the model
+MAX_DIGITS = 18  # digits of a number in a request: more is no size or count we would accept
+# Set per request by the connection guard (connection.py) when nobody waits for the answer any more.
+ABANDONED: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("abandoned", default=None)
+_logger = logging.getLogger(__name__)
+_served: ServeConfig | None = None  # the limits of the model `mlflow models serve` loaded (install_guard)
 
 
 # What the model answers per image: the output schema MLflow records with it. (Created by name: "class"
@@ -88,6 +100,23 @@ def predictions(probs: np.ndarray, classes: list[str], top_k: int) -> list[dict[
     return out
 
 
+def short(value: Any) -> str:
+    """A few characters of a client's value, for an error message (never the payload)."""
+    brief = reprlib.Repr()
+    brief.maxlevel, brief.maxlist, brief.maxdict = 2, 5, 3
+    brief.maxstring = brief.maxlong = brief.maxother = 24
+    return brief.repr(value)
+
+
+def bounded_int(text: str) -> int:
+    """json's parse_int: refuses numbers of thousands of digits (which Python would parse, slowly, or
+    refuse with ValueError past 4,300) before converting them."""
+    digits = len(text.lstrip("-"))
+    if digits > MAX_DIGITS:
+        raise RequestError(400, f"a number in the request has {digits:,} digits, more than {MAX_DIGITS}")
+    return int(text)
+
+
 def decode_base64(text: Any, index: int, max_bytes: int) -> bytes:
     if not isinstance(text, str):
         raise RequestError(400, f"input {index}: expected a base64 string, got {type(text).__name__}")
@@ -111,8 +140,12 @@ def parse_request(body: bytes, content_type: str | None, limits: ServeConfig) ->
             413, f"the request body is {len(body):,} bytes, over the limit of {limits.max_request_bytes:,}"
         )
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        payload = json.loads(body, parse_int=bounded_int)
+    except RequestError:
+        raise
+    except RecursionError:
+        raise RequestError(400, "the request's JSON is nested too deeply") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
         raise RequestError(400, "the request body is not valid JSON") from None
     if not isinstance(payload, dict) or set(payload) != {"inputs"}:
         raise RequestError(
@@ -136,10 +169,11 @@ def parse_array(inputs: dict, limits: ServeConfig) -> np.ndarray:
     if set(inputs) != {"array", "shape", "dtype"}:
         raise RequestError(400, 'an array input has exactly the keys "array", "shape" and "dtype"')
     if inputs["dtype"] != "uint8":
-        raise RequestError(400, f"array dtype must be uint8, got {inputs['dtype']!r}")
+        raise RequestError(400, f"array dtype must be uint8, got {short(inputs['dtype'])}")
     shape = inputs["shape"]
-    if not (isinstance(shape, list) and len(shape) == 4 and all(isinstance(d, int) and d > 0 for d in shape)):
-        raise RequestError(400, f"array shape must be [N, H, W, C] of positive integers, got {shape!r}")
+    # type(d) is int: JSON's true and false are Python bools, which isinstance(d, int) lets through
+    if not (isinstance(shape, list) and len(shape) == 4 and all(type(d) is int and d > 0 for d in shape)):
+        raise RequestError(400, f"array shape must be [N, H, W, C] of positive integers, got {short(shape)}")
     n, h, w, c = shape
     if c not in (1, 3, 4):
         raise RequestError(400, f"array shape {shape}: C must be 1 (gray), 3 (RGB) or 4 (RGBA)")
@@ -149,10 +183,34 @@ def parse_array(inputs: dict, limits: ServeConfig) -> np.ndarray:
         raise RequestError(
             413, f"array shape {shape}: {h * w:,} pixels per image, over the limit of {limits.max_image_pixels:,}"
         )
+    if n * h * w > limits.max_request_pixels:
+        raise RequestError(
+            413,
+            f"array shape {shape}: {n * h * w:,} pixels, over the limit of {limits.max_request_pixels:,} per request",
+        )
     raw = decode_base64(inputs["array"], 0, n * h * w * c)
     if len(raw) != n * h * w * c:
         raise RequestError(400, f"array holds {len(raw):,} bytes, but shape {shape} needs {n * h * w * c:,}")
     return np.frombuffer(raw, dtype=np.uint8).reshape(n, h, w, c)
+
+
+@contextlib.contextmanager
+def image_errors(index: int) -> Iterator[None]:
+    """ImageError while reading input `index` -> RequestError naming it (413 over a limit, else 400)."""
+    try:
+        yield
+    except ImageTooLarge as exc:
+        raise RequestError(413, f"input {index}: {exc}") from None
+    except ImageError as exc:
+        raise RequestError(400, f"input {index}: {exc}") from None
+
+
+def stop_if_abandoned(where: str) -> None:
+    """RequestError (503) once nobody waits for this request's answer: the work is stopped, not finished."""
+    abandoned = ABANDONED.get()
+    if abandoned is not None and abandoned.is_set():
+        _logger.warning("request abandoned (client gone or timed out): stopped at %s", where)
+        raise RequestError(503, f"the request was abandoned; stopped at {where}")
 
 
 # MLflow reads predict's type hints, and logs the notice, when the class below is defined: whoever
@@ -163,7 +221,10 @@ quiet_union_hint_notice()
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
-        self.model, self.card = load_checkpoint(context.artifacts["weights"], context.artifacts["card"])
+        if "onnx" in context.artifacts:  # a compressed model (imgclf.compress), run by onnxruntime
+            self.model, self.card = load_onnx(context.artifacts["onnx"], context.artifacts["card"])
+        else:
+            self.model, self.card = load_checkpoint(context.artifacts["weights"], context.artifacts["card"])
         path = context.artifacts["serving"]
         try:
             self.limits = from_mapping(ServeConfig, json.loads(open(path).read()), prefix="serve.")
@@ -172,23 +233,30 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         # One forward pass at a time, using every core: concurrent ones would oversubscribe the CPU.
         self.lock = threading.Lock()
         if os.environ.get(scoring_server._SERVER_MODEL_PATH):  # loaded by `mlflow models serve`
-            install_guard()
+            install_guard(self.limits)
 
     def decode_all(self, files: list[bytes], first_index: int = 0) -> np.ndarray:
-        """Image files -> uint8 (N, size, size, channels); RequestError naming the first bad one."""
-        size, channels = self.card.image_size, self.card.channels
+        """Image files -> uint8 (N, size, size, channels); RequestError naming the first bad one. Every
+        header is read, and the pixels counted against the limits, before any image is decoded."""
+        size, channels, limits = self.card.image_size, self.card.channels, self.limits
+        total = 0
+        for i, data in enumerate(files, start=first_index):
+            if len(data) > limits.max_image_bytes:
+                raise RequestError(413, f"input {i}: {len(data):,} bytes, over the limit of {limits.max_image_bytes:,}")
+            with image_errors(i):
+                width, height = dimensions(data, limits.max_image_pixels)
+            total += width * height
+            if total > limits.max_request_pixels:
+                raise RequestError(
+                    413,
+                    f"inputs {first_index}-{i}: {total:,} pixels, over the limit of {limits.max_request_pixels:,} "
+                    "per request",
+                )
         arrays = []
         for i, data in enumerate(files, start=first_index):
-            if len(data) > self.limits.max_image_bytes:
-                raise RequestError(
-                    413, f"input {i}: {len(data):,} bytes, over the limit of {self.limits.max_image_bytes:,}"
-                )
-            try:
-                arrays.append(decode(data, size, channels, self.limits.max_image_pixels))
-            except ImageTooLarge as exc:
-                raise RequestError(413, f"input {i}: {exc}") from None
-            except ImageError as exc:
-                raise RequestError(400, f"input {i}: {exc}") from None
+            stop_if_abandoned(f"input {i} of {first_index + len(files)}")
+            with image_errors(i):
+                arrays.append(decode(data, size, channels, limits.max_image_pixels))
         return np.stack(arrays) if arrays else np.zeros((0, size, size, channels), np.uint8)
 
     def conform(self, pixels: np.ndarray) -> np.ndarray:
@@ -205,8 +273,12 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         )
 
     def classify(self, pixels: np.ndarray) -> list[dict[str, Any]]:
+        stop_if_abandoned("classifying")
         with self.lock:
-            probs = predict_proba(self.model, pixels)
+            if isinstance(self.model, OnnxClassifier):
+                probs = self.model.predict_proba(pixels)
+            else:
+                probs = predict_proba(self.model, pixels)
         return predictions(probs, list(self.card.classes), self.limits.top_k)
 
     def pixels_of(self, item: Any, index: int) -> np.ndarray:
@@ -274,13 +346,25 @@ def guarded_invocations(data: bytes, content_type: str | None, model, input_sche
         pixels = python_model.conform(inputs) if isinstance(inputs, np.ndarray) else python_model.decode_all(inputs)
         body, status = {"predictions": python_model.classify(pixels)}, 200
     except RequestError as exc:
-        code = "RESOURCE_EXHAUSTED" if exc.status == 413 else "INVALID_PARAMETER_VALUE"
+        code = {413: "RESOURCE_EXHAUSTED", 503: "CANCELLED"}.get(exc.status, "INVALID_PARAMETER_VALUE")
         body, status = {"error_code": code, "message": exc.message}, exc.status
     return scoring_server.InvocationsResponse(response=json.dumps(body), status=status, mimetype="application/json")
 
 
-def install_guard() -> None:
+def install_guard(limits: ServeConfig) -> None:
     """Route the scoring server's requests through `guarded_invocations`. The server looks the
     handler up by name on each request, so replacing it while the model loads takes effect; it
-    serves this one model only."""
+    serves this one model only, whose limits the connection guard reads (served_limits)."""
+    global _served
     scoring_server.invocations = guarded_invocations
+    _served = limits
+    if "imgclf.connection" not in sys.modules:  # uvicorn imports its protocol class before the app
+        _logger.warning(
+            "serving without the connection guard (no body limit before reading, no header deadline): "
+            "start with UVICORN_HTTP=imgclf.connection:GuardedH11Protocol in the environment"
+        )
+
+
+def served_limits() -> ServeConfig | None:
+    """The limits of the model this `mlflow models serve` process serves; None for another model."""
+    return _served

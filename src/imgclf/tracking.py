@@ -3,7 +3,11 @@
 The default store is `mlflow.db` (SQLite) at the repository root, with artifacts in `mlruns/` beside it.
 The root is `DVC_ROOT` when DVC runs the stage: experiments queued with `dvc exp run --queue` run in
 temporary copies under `.dvc/tmp/exps`, and must still land in the one store. `MLFLOW_TRACKING_URI`
-overrides the store. Nothing here runs at import time.
+overrides the store: a team's shared `mlflow server`, whose basic-auth app reads the account from
+`MLFLOW_TRACKING_USERNAME` and `MLFLOW_TRACKING_PASSWORD` (a server that does not answer, or refuses them,
+stops a stage before any work; the password is never printed). A local SQLite store that existed and is
+now missing, empty or damaged stops the stage instead of being re-created (imgclf.store). Nothing here runs
+at import time.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from imgclf import store
+
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlruns"
 # The experiment's kind, as MLflow records it (its UI's GenAI/model-training switch wins over it in 3.17).
@@ -30,6 +36,9 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # The run that trained a model is found by the hash of its weights (the model files stay free of run ids,
 # so that the same code, params and data give the same DVC outputs).
 WEIGHTS_TAG = "imgclf.weights_sha256"
+# The hash of the weights evaluate scored, set with the test metrics: register admits only weights whose
+# own evaluation the run holds.
+EVALUATED_TAG = "imgclf.evaluated_weights_sha256"
 # Per-epoch metrics under the names the MLflow UI groups by their prefix ("train/", "val/").
 EPOCH_METRICS = {
     "train_loss": "train/loss",
@@ -39,6 +48,7 @@ EPOCH_METRICS = {
     "lr": "train/lr",
     "images_per_s": "train/images_per_s",
     "epoch_s": "train/epoch_s",
+    "dp_epsilon": "dp/epsilon",  # the privacy accountant's epsilon after the epoch (DP-SGD)
 }
 
 
@@ -71,12 +81,55 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         ) from None
 
 
+def refused(uri: str, exc: MlflowException, doing: str) -> StoreUnavailable | None:
+    """The error for a server that refused a request while `doing` something: HTTP 401 (no account, or
+    the wrong password, under MLflow's basic-auth app) or 403 (no permission). None for any other error.
+    It names the account, never the password."""
+    status = exc.get_http_status_code()
+    if status not in (401, 403):
+        return None
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 403:
+        why = f"does not permit {user or 'anonymous users'!r} {doing} (HTTP 403): its admin can grant EDIT permission"
+    elif not user:
+        why = (
+            f"requires an account {doing} (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
+            "(they are not set)"
+        )
+    elif not os.environ.get("MLFLOW_TRACKING_PASSWORD"):
+        why = f"refused {user!r} without a password {doing} (HTTP 401): MLFLOW_TRACKING_PASSWORD is not set"
+    else:
+        why = (
+            f"refused the credentials of {user!r} {doing} (HTTP 401): a wrong username or password in "
+            "MLFLOW_TRACKING_USERNAME, MLFLOW_TRACKING_PASSWORD"
+        )
+    return StoreUnavailable(f"the MLflow tracking server at {uri} (MLFLOW_TRACKING_URI) {why}")
+
+
+def check_access(uri: str) -> None:
+    """Fail fast when a tracking server refuses us (missing or wrong credentials), before any work is
+    done: /health answers everyone."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except MlflowException as exc:
+        if (error := refused(uri, exc, "to read experiments")) is None:
+            raise
+        raise error from None
+
+
 def use_store() -> str | None:
     """Point MLflow at the store (MLFLOW_TRACKING_URI, else the default); returns the user's URI."""
     user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     check_reachable(user_uri or "")
+    check_access(user_uri or "")
     # (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, so read it before.)
     mlflow.set_tracking_uri(user_uri or default_tracking_uri())
+    try:
+        store.check(mlflow.get_tracking_uri())  # a local store that existed is never re-created
+    except store.StoreDamaged as exc:
+        raise StoreUnavailable(str(exc)) from None
     return user_uri
 
 
@@ -85,6 +138,7 @@ def configure(experiment_name: str) -> str:
     user_uri = use_store()
     client = mlflow.MlflowClient()
     experiment = client.get_experiment_by_name(experiment_name)
+    store.mark(mlflow.get_tracking_uri())  # it exists now (MLflow creates a missing one)
     if experiment is not None:
         for key, value in EXPERIMENT_KIND.items():
             if experiment.tags.get(key) != value:  # an experiment made before this tag was set
@@ -129,18 +183,25 @@ def start_pipeline_run(experiment_name: str, resume_run_id: str | None = None):
     """Start the run of this pipeline execution (train stage). Named after the DVC experiment when
     there is one; `MLFLOW_RUN_ID` (set by `mlflow run`) makes the pipeline continue that run instead,
     and `resume_run_id` (training resumed from a checkpoint) the run that checkpoint belongs to."""
-    experiment_id = configure(experiment_name)
     run_id = resume_run_id or os.environ.get("MLFLOW_RUN_ID")
     # CPU and memory (and GPU, with nvidia-ml-py) sampled in the background while training runs, every
     # second: at MLflow's default of 10 s, a training shorter than that (digits: about 2 s) logs none.
     mlflow.set_system_metrics_sampling_interval(1)
-    if run_id:
-        run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
-    else:
-        run = mlflow.start_run(
-            experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"), log_system_metrics=True
-        )
+    try:
+        experiment_id = configure(experiment_name)  # an account denied the experiment is refused here
+        if run_id:
+            run = mlflow.start_run(run_id=run_id, log_system_metrics=True)
+        else:
+            run = mlflow.start_run(
+                experiment_id=experiment_id, run_name=os.environ.get("DVC_EXP_NAME"), log_system_metrics=True
+            )
+    except MlflowException as exc:  # an account denied the experiment, or without EDIT on it
+        if (error := refused(mlflow.get_tracking_uri(), exc, f"to log runs into {experiment_name!r}")) is None:
+            raise
+        raise error from None
     tags = git_state()
+    if os.environ.get("MLFLOW_TRACKING_USERNAME"):  # on a shared server: who signed in, not the OS account
+        tags["mlflow.user"] = os.environ["MLFLOW_TRACKING_USERNAME"]
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     mlflow.set_tags(tags)
@@ -156,15 +217,25 @@ def tag_weights(weights: str | Path) -> str:
 
 def resume_pipeline_run(experiment_name: str, weights: str | Path):
     """Continue the run of the train stage that wrote `weights` (evaluate and register log into it): the
-    latest run tagged with their hash, in the same DVC experiment when DVC runs one."""
-    experiment_id = configure(experiment_name)
+    latest run tagged with their hash, in the same DVC experiment when DVC runs one, else (an experiment
+    whose train stage DVC skipped, say `dvc exp run -S compress.method=int8`) the latest run that
+    trained them."""
+    try:
+        experiment_id = configure(experiment_name)
+    except StoreUnavailable as exc:
+        raise SystemExit(f"error: {exc}") from None
     digest = sha256_file(weights)
     query = f"tags.`{WEIGHTS_TAG}` = '{digest}'"
+    queries = [query]
     if os.environ.get("DVC_EXP_NAME"):
-        query += f" and tags.dvc_exp_name = '{os.environ['DVC_EXP_NAME']}'"
-    runs = mlflow.MlflowClient().search_runs(
-        [experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
-    )
+        queries.insert(0, f"{query} and tags.dvc_exp_name = '{os.environ['DVC_EXP_NAME']}'")
+    runs = []
+    for query in queries:
+        runs = mlflow.MlflowClient().search_runs(
+            [experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
+        )
+        if runs:
+            break
     if not runs:
         raise SystemExit(
             f"error: no MLflow run in the tracking store {mlflow.get_tracking_uri()} (experiment "

@@ -10,6 +10,9 @@ that evaluate and register continue: every resolved param, per-epoch train/val l
 commit and the data version. A checkpoint of the same params, data and code is resumed from, in the
 same MLflow run, and ends with the same weights as an uninterrupted run.
 
+With `train.processes` > 1 (or under torchrun) every process trains its share of each batch, in DDP
+(imgclf.distributed); rank 0 alone logs to MLflow and writes the checkpoint and the outputs.
+
 The core is `fit(params, card, train, val, device)`: no MLflow, no files, no environment; `main` and the
 benchmarks call it. The whole training set lives on the device as one uint8 tensor: batches are gathered
 by index, augmented as whole batches and normalised inside the model; no per-sample Python, no DataLoader.
@@ -36,15 +39,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from imgclf import checkpoint
+from imgclf import checkpoint, distributed, privacy
 from imgclf.allocator import keep_freed_memory
 from imgclf.architectures import TORCHVISION
 from imgclf.augment import AlternatingFlip, Augment, Mix
 from imgclf.card import CARD_VERSION, ModelCard
 from imgclf.config import Params, TrainConfig, as_flat_dict, stage_params
 from imgclf.devices import PrecisionError, autocast_dtype, configure_torch, deterministic_environment, resolve_device
+from imgclf.distributed import World
 from imgclf.ema import WeightAverage
+from imgclf.failures import run_stage
 from imgclf.files import write_bytes, write_json
+from imgclf.integrity import nonfinite, nonfinite_message
 from imgclf.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -101,11 +107,29 @@ class Divergence:
             )
 
 
+def refuse_nonfinite(model: nn.Module, when: str) -> None:
+    """Weights with NaN or infinity are never saved: the loss can stay finite while they are not (a
+    BatchNorm statistic, an unused layer), and a checkpoint or model holding them would be served."""
+    if bad := nonfinite(model.state_dict()):
+        raise Diverged(
+            f"training diverged: {nonfinite_message(bad, 'the weights')} {when}; nothing was saved for it "
+            "(lower train.lr, or set train.grad_clip)"
+        )
+
+
 class Training:
     """Everything that changes while training, with a state dict to checkpoint and resume it."""
 
-    def __init__(self, model: Classifier, train: Arrays, val: Arrays, cfg: TrainConfig, device: torch.device) -> None:
-        self.cfg, self.device = cfg, device
+    def __init__(
+        self,
+        model: Classifier,
+        train: Arrays,
+        val: Arrays,
+        cfg: TrainConfig,
+        device: torch.device,
+        world: World = World(),
+    ) -> None:
+        self.cfg, self.device, self.world = cfg, device, world
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model = model.to(device, memory_format=self.memory_format)
         self.x_train, self.y_train = to_nchw(train.images, device), torch.from_numpy(train.labels).to(device)
@@ -142,7 +166,15 @@ class Training:
         self.whiten_bias = whiten.bias if cfg.whiten_bias_epochs and whiten is not None else None
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.forward = world.replicate(self.model, device, compile=cfg.compile)  # in DDP with several ranks
+        # DP-SGD (train.dp_epsilon): Opacus's per-sample clipping and noise, and Poisson-sampled batches.
+        self.privacy = (
+            privacy.DPSGD(self.model, self.optimizer, len(self.x_train), cfg, self.order, device)
+            if cfg.dp_epsilon
+            else None
+        )
+        if self.privacy is not None:
+            self.forward, self.optimizer = self.privacy.module, self.privacy.optimizer
         self.epoch = 0
         self.history: list[dict[str, float]] = []
 
@@ -164,6 +196,7 @@ class Training:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
+            "privacy": self.privacy.state_dict() if self.privacy else None,
             "rng": rng,
         }
 
@@ -175,6 +208,8 @@ class Training:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.privacy is not None:
+            self.privacy.load_state_dict(state["privacy"])
         torch.set_rng_state(state["rng"]["torch"])
         self.order.set_state(state["rng"]["order"])
         self.augment_rng.set_state(state["rng"]["augment"])
@@ -212,22 +247,28 @@ class Training:
         return images, labels, labels
 
     def gradients(
-        self, images: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None
+        self, images: torch.Tensor, target: torch.Tensor, labels: torch.Tensor | None = None, weight: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Backward passes over micro-batches of train.micro_batch images, accumulating the whole batch's
-        gradient; returns the batch's mean loss (against `target`: labels, or class probabilities) and
-        its number of predictions equal to `labels` (default: `target`), on the device."""
+        gradient (times `weight`: see World.shard); returns the batch's mean loss (against `target`:
+        labels, or class probabilities) and its number of predictions equal to `labels` (default:
+        `target`), on the device."""
         labels = target if labels is None else labels
+        if not len(images):  # a Poisson-sampled (DP-SGD) batch can be empty: the step is noise alone
+            return privacy.empty_batch(self.forward, images)
         loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         size = self.cfg.micro_batch or len(images)
         for start in range(0, len(images), size):
             part = images[start : start + size].contiguous(memory_format=self.memory_format)
             part_target = target[start : start + size]
-            with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
-                logits = self.forward(part)
-                part_loss = self.loss_fn(logits.float(), part_target) * (len(part) / len(images))
-            self.scaler.scale(part_loss).backward()
+            with self.world.accumulating(self.forward, last=start + size >= len(images)):
+                with torch.autocast(
+                    self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+                ):
+                    logits = self.forward(part)
+                    part_loss = self.loss_fn(logits.float(), part_target) * (len(part) / len(images))
+                self.scaler.scale(part_loss * weight).backward()
             loss += part_loss.detach()
             correct += (logits.argmax(1) == labels[start : start + size]).sum()
         return loss, correct
@@ -249,28 +290,38 @@ class Training:
         self.begin_epoch()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0  # images trained on: N, or about N with Poisson-sampled batches
         divergence = Divergence(self.device)
-        batches = torch.randperm(len(self.x_train), generator=self.order).to(self.device).split(self.cfg.batch_size)
+        if self.privacy is not None:
+            batches = self.privacy.batches()
+        else:
+            batches = torch.randperm(len(self.x_train), generator=self.order).to(self.device).split(self.cfg.batch_size)
         for step, index in enumerate(batches, start=1):
-            images, target, labels = self.batch(index)
+            # Every rank draws and augments the whole batch alike, then trains on its rows of it.
+            images, target, labels, weight, share = self.world.shard(*self.batch(index))
             self.optimizer.zero_grad(set_to_none=True)
-            loss, batch_correct = self.gradients(images, target, labels)
+            loss, batch_correct = self.gradients(images, target, labels, weight)
+            loss, batch_correct = self.world.sum(loss * share, batch_correct)
             self.step()
             divergence.record(loss, step)
             loss_sum += loss * len(index)
             correct += batch_correct
+            seen += len(index)
             divergence.check(step, len(batches), self.epoch)
             on_step()
         if self.ema is not None:
             self.ema.end_epoch(self.model)
         val_loss, val_accuracy = score(self.final_model, self.x_val, self.y_val, self.memory_format)
         metrics = {
-            "train_loss": loss_sum.item() / len(self.x_train),
-            "train_accuracy": correct.item() / len(self.x_train),
+            "train_loss": loss_sum.item() / max(seen, 1),
+            "train_accuracy": correct.item() / max(seen, 1),
             "val_loss": val_loss,
             "val_accuracy": val_accuracy,
             "lr": self.scheduler.get_last_lr()[0],
         }
+        if self.privacy is not None:  # every step so far noised and accounted for, or no model at all
+            self.privacy.check_steps(self.epoch * self.steps_per_epoch)
+            metrics["dp_epsilon"] = self.privacy.epsilon()
         self.history.append({"epoch": self.epoch, **metrics})
         return metrics
 
@@ -308,6 +359,8 @@ def new_card(params: Params, data_meta: dict[str, Any]) -> ModelCard:
     if cfg.model.startswith(TORCHVISION) and cfg.pretrained is not None:
         # Fine-tuning keeps the normalisation the pretrained weights were trained with.
         mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif cfg.dp_epsilon:  # the training set's own mean and std would be released without noise
+        mean, std = privacy.fixed_normalisation(data_meta["channels"])
     return ModelCard(
         card_version=CARD_VERSION,
         model=cfg.model,
@@ -322,7 +375,9 @@ def new_card(params: Params, data_meta: dict[str, Any]) -> ModelCard:
     )
 
 
-def new_training(params: Params, card: ModelCard, train: Arrays, val: Arrays, device: torch.device) -> Training:
+def new_training(
+    params: Params, card: ModelCard, train: Arrays, val: Arrays, device: torch.device, world: World = World()
+) -> Training:
     """A fresh Training: the model built (and fastnet's whitening set from the data) from train.seed."""
     cfg = params.train
     torch.manual_seed(cfg.seed)
@@ -335,7 +390,7 @@ def new_training(params: Params, card: ModelCard, train: Arrays, val: Arrays, de
         with torch.no_grad():
             images = to_nchw(train.images[np.sort(sample.numpy())], torch.device("cpu"))
             model.net.init_from_data(model.normalise(images))
-    return Training(model, train, val, cfg, device)
+    return Training(model, train, val, cfg, device, world)
 
 
 @dataclass(frozen=True)
@@ -353,17 +408,21 @@ def fit(
     device: torch.device,
     *,
     resume: dict[str, Any] | None = None,
+    on_start: Callable[[Training], None] = lambda training: None,
     on_step: Callable[[Training], None] = lambda training: None,
     on_epoch: Callable[[Training, dict[str, float]], None] = lambda training, metrics: None,
+    world: World = World(),
 ) -> FitResult:
     """Train `params.train`'s recipe on `train`, scoring `val` after each epoch; from the training state
-    `resume` (a checkpoint's) when given. `on_step` runs after every optimizer step, `on_epoch` after every
-    epoch (where the stage checkpoints and logs). Raises Diverged when the loss stops being finite."""
+    `resume` (a checkpoint's) when given. `on_start` runs once before the first epoch, `on_step` after
+    every optimizer step, `on_epoch` after every epoch (where the stage checkpoints and logs). In DDP
+    (`world` of several ranks) every rank calls it alike. Raises Diverged when the loss stops being finite."""
     cfg = params.train
-    configure_torch(cfg)
-    training = new_training(params, card, train, val, device)
+    configure_torch(cfg, threads=world.threads(cfg.threads))
+    training = new_training(params, card, train, val, device, world)
     if resume is not None:
         training.load_state_dict(resume)
+    on_start(training)
     while training.epoch < cfg.epochs:
         metrics = training.run_epoch(on_step=lambda: on_step(training))
         on_epoch(training, metrics)
@@ -401,8 +460,12 @@ def resumable_state(cfg: TrainConfig, fingerprint: str) -> dict[str, Any] | None
 
 def main(argv: list[str] | None = None) -> None:
     params: Params = stage_params(argv, __doc__)
+    world = distributed.from_environment()  # the rank torchrun gave this process, else rank 0 of 1
+    if distributed.launched():  # torchrun's processes train, whatever train.processes says
+        params = dataclasses.replace(params, train=dataclasses.replace(params.train, processes=world.size))
     cfg = params.train
-    for override in params.provenance.overrides:
+    launching = cfg.processes > 1 and not distributed.launched()  # the stage starts its ranks, as torchrun does
+    for override in params.provenance.overrides if world.main and not launching else ():
         print(override)
     prepared = Path(params.prepare.out_dir)
     card = new_card(params, json.loads((prepared / "meta.json").read_text()))
@@ -410,11 +473,26 @@ def main(argv: list[str] | None = None) -> None:
         # The model built once before anything starts: a bad weights name, a file that does not fit the
         # model, or weights that cannot be downloaded stop here (exit code 2), and a download lands in
         # torch's cache for the real build.
-        build(card, pretrained=cfg.pretrained)
-    except ModelError as exc:
+        model = build(card, pretrained=cfg.pretrained)
+        if cfg.dp_epsilon:  # an option that breaks the guarantee, or a layer Opacus cannot train, stops here
+            if (refused := privacy.not_private(cfg)) is not None:
+                raise privacy.PrivacyError(refused)
+            privacy.check_model(model)
+    except (ModelError, privacy.PrivacyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    device = resolve_device(cfg.device)
+    try:
+        autocast_dtype(cfg, device)  # a precision this device cannot use: refused before the run starts
+    except PrecisionError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    if launching:
+        raise SystemExit(distributed.launch(cfg.processes, sys.argv[1:] if argv is None else argv))
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    if cfg.dp_epsilon:
+        plain = build(dataclasses.replace(card, train={**card.train, "dp_epsilon": 0.0}))
+        for line in privacy.describe_replaced(plain, model):
+            print(line)
     deterministic_environment(os.environ, cfg)
     keep_freed_memory()  # ~1.2x the images/s on the CPU for nets with large activations (bench/allocator.py)
     # MLflow's system-metrics monitor says "started", "stopping", "terminated" at INFO in every run.
@@ -422,11 +500,36 @@ def main(argv: list[str] | None = None) -> None:
     # A store that hiccups during training must not stall it for minutes (MLflow's default retries).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    device = resolve_device(cfg.device)
     try:
-        autocast_dtype(cfg, device)  # a precision this device cannot use: refused before the run starts
-    except PrecisionError as exc:
+        with distributed.process_group(world, device) as device:
+            if world.main:
+                train_and_log(params, card, train, val, device, world)
+            else:
+                train_replica(params, card, train, val, device, world)
+    except distributed.DistributedError as exc:
         raise SystemExit(f"error: {exc}") from None
+
+
+def train_replica(
+    params: Params, card: ModelCard, train: Arrays, val: Arrays, device: torch.device, world: World
+) -> None:
+    """A rank other than 0: trains its rows of each batch beside rank 0, from the checkpoint rank 0
+    resumes from, and writes and logs nothing."""
+    state, run_id = world.broadcast(None)
+    # Anything on this rank that logs to MLflow would log into rank 0's run, never start one of its own.
+    os.environ["MLFLOW_RUN_ID"] = run_id
+    try:
+        fit(params, card, train, val, device, resume=state, world=world)
+    except (Diverged, ModelError):
+        raise SystemExit(1) from None  # rank 0 meets the same and says it
+
+
+def train_and_log(
+    params: Params, card: ModelCard, train: Arrays, val: Arrays, device: torch.device, world: World
+) -> None:
+    """Rank 0 (or the only process): trains, logs to MLflow, writes the checkpoints and the outputs."""
+    cfg = params.train
+    prepared = Path(params.prepare.out_dir)
     fingerprint = checkpoint.fingerprint(params, prepared)
     state = resumable_state(cfg, fingerprint)
 
@@ -436,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {exc}") from None
     with run:
         run_id = run.info.run_id
+        world.broadcast((state, run_id))  # to the other ranks
         if state is None:
             mlflow.log_params(as_flat_dict(params))
             mlflow.log_params({"device_used": str(device)})
@@ -449,6 +553,8 @@ def main(argv: list[str] | None = None) -> None:
         clock = {"start": time.monotonic(), "epoch": time.monotonic()}
 
         def end_of_epoch(training: Training, metrics: dict[str, float]) -> None:
+            refuse_nonfinite(training.model, f"after epoch {training.epoch}")
+            refuse_nonfinite(training.final_model, f"after epoch {training.epoch}")  # (the EMA, when kept)
             checkpoint.save(
                 {**training.state_dict(), "fingerprint": fingerprint, "mlflow_run_id": run_id}, cfg.checkpoint_dir
             )
@@ -459,7 +565,10 @@ def main(argv: list[str] | None = None) -> None:
             # The timings go to MLflow only: the history file is a DVC output, the same for the same inputs.
             logger.add(training.epoch, {**metrics, "images_per_s": images_per_s, "epoch_s": epoch_s})
             if bar is not None:
-                bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val_acc=f"{metrics['val_accuracy']:.3f}")
+                shown = {"loss": f"{metrics['train_loss']:.3f}", "val_acc": f"{metrics['val_accuracy']:.3f}"}
+                if "dp_epsilon" in metrics:
+                    shown["epsilon"] = f"{metrics['dp_epsilon']:.2f}"
+                bar.set_postfix(shown)
             else:  # no terminal: one line per epoch instead of a bar that prints nothing until the end
                 done = training.epoch - (cfg.epochs - remaining)
                 print(
@@ -477,6 +586,13 @@ def main(argv: list[str] | None = None) -> None:
                 )
 
         steps = remaining * math.ceil(len(train.labels) / cfg.batch_size)
+
+        def start(training: Training) -> None:
+            if training.privacy is not None:
+                print(training.privacy.budget.describe(cfg.dp_max_grad_norm))
+                if state is None:
+                    mlflow.log_param("dp_noise_multiplier", training.privacy.budget.noise_multiplier)
+
         bar = tqdm(total=steps, desc="train", unit="batch", file=sys.stderr) if in_terminal() else None
         try:
             result = fit(
@@ -486,9 +602,12 @@ def main(argv: list[str] | None = None) -> None:
                 val,
                 device,
                 resume=state,
+                on_start=start,
                 on_step=lambda _: bar.update() if bar is not None else None,
                 on_epoch=end_of_epoch,
+                world=world,
             )
+            refuse_nonfinite(result.model, "at the end of training")
         except (Diverged, ModelError) as exc:
             raise SystemExit(f"error: {exc}") from None
         finally:
@@ -502,6 +621,8 @@ def main(argv: list[str] | None = None) -> None:
         save_model(result.model, card, cfg.model_dir)
         tag_weights(Path(cfg.model_dir) / WEIGHTS_FILE)  # how evaluate and register find this run
         final = {k: round(v, 6) for k, v in result.history[-1].items() if k not in ("epoch", "lr")}
+        if result.training.privacy is not None:  # the epsilon spent (in the history) and its delta
+            final["dp_delta"] = result.training.privacy.budget.delta
         write_json(Path(cfg.metrics_dir) / "train.json", final)
     print(
         f"train: {cfg.model}, {cfg.epochs} epochs on {device}: val_accuracy {final['val_accuracy']:.4f} "
@@ -510,4 +631,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)  # a failing store or disk: one line, not a traceback (IMGCLF_DEBUG=1 shows it)

@@ -9,7 +9,14 @@ memory-mapped arrays, so memory does not grow with the dataset.
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
 import shutil
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,11 +87,12 @@ class Listing:
     has_val: bool
     problems: list[tuple[str, str]] = field(default_factory=list)  # (file or folder, what is wrong)
     ignored: list[tuple[str, str]] = field(default_factory=list)
+    unsafe: list[tuple[str, str]] = field(default_factory=list)  # links, devices, .. paths: never read
 
 
-def list_entries(files: list[str], folders: list[str]) -> Listing:
+def list_entries(files: list[str], folders: list[str], unsafe: list[tuple[str, str]] = ()) -> Listing:
     """Map archive paths to (split, class); collect what cannot be used. Entries keep the names as
-    the archive spells them, sorted."""
+    the archive spells them, sorted. `unsafe`: the entries the archive reader skipped, and why."""
     paths = [(name, parts) for name in sorted(set(files)) if (parts := archive_parts(name)) and not hidden_parts(parts)]
     dirs = [parts for d in folders if (parts := archive_parts(d)) and not hidden_parts(parts)]
     # An archive often wraps everything in one top folder (cifar10-jpg/train/...): look inside it.
@@ -106,6 +114,7 @@ def list_entries(files: list[str], folders: list[str]) -> Listing:
     role = {TRAIN: "train", **({test_name: "test"} if test_name else {}), **({val_name: "val"} if val_name else {})}
 
     listing = Listing(classes=[], entries=[], has_test=test_name is not None, has_val=val_name is not None)
+    listing.unsafe = sorted(unsafe)
     by_class: dict[str, int] = {}
     for name, parts in paths:
         if parts[0] not in role:
@@ -132,6 +141,53 @@ def list_entries(files: list[str], folders: list[str]) -> Listing:
 
 
 # ---- decoding in parallel into memory-mapped arrays -------------------------------------------
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool initializer: a decoding worker ends when prepare ends, however it ends (SIGKILL included),
+    instead of living on with the output files open and mapped.
+
+    On Linux the kernel sends the worker SIGKILL when its parent dies (PR_SET_PDEATHSIG: nothing to run in
+    the worker, so it also fires in the middle of a decode). It fires when the thread that forked the
+    worker ends; ProcessPoolExecutor forks from the thread that submits, prepare's main thread, which
+    ends only with the process. Elsewhere a thread watches for the worker being orphaned. The check of
+    getppid() after either covers a parent that died before the worker got this far."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is prepare's to handle: it stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not prepare's handler, inherited through fork
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _watch_parent(parent: int, every_s: float = 0.5) -> None:
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """Decoding processes that die with this one. Forked on Linux (PR_SET_PDEATHSIG and the parent
+    check above need prepare itself as the parent, which the forkserver default of newer Pythons is not)."""
+    context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),))
+
+
+def _stop_now(pool: ProcessPoolExecutor) -> None:
+    """Kill the workers mid-chunk (ProcessPoolExecutor.terminate_workers of Python 3.14, by hand before)."""
+    if hasattr(pool, "terminate_workers"):
+        pool.terminate_workers()
+        return
+    for process in list((pool._processes or {}).values()):  # before shutdown, which forgets them
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _decode_chunk(
@@ -178,7 +234,7 @@ def decode_into(
         errors.extend(failed)
         on_progress(len(rows) + len(failed))
 
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with worker_pool(workers) as pool:
 
         def submit() -> None:
             nonlocal chunk
@@ -187,17 +243,21 @@ def decode_into(
             while len(in_flight) > 2 * workers:
                 collect(in_flight.pop(0))
 
-        for name, data in archive.read(set(plan)):
-            if name in seen:  # a tar may hold the same name twice; the listing counted it once
-                continue
-            seen.add(name)
-            chunk.append((*plan[name], name, data))
-            if len(chunk) >= chunk_size:
+        try:
+            for name, data in archive.read(set(plan)):
+                if name in seen:  # a tar may hold the same name twice; the listing counted it once
+                    continue
+                seen.add(name)
+                chunk.append((*plan[name], name, data))
+                if len(chunk) >= chunk_size:
+                    submit()
+            if chunk:
                 submit()
-        if chunk:
-            submit()
-        while in_flight:
-            collect(in_flight.pop(0))
+            while in_flight:
+                collect(in_flight.pop(0))
+        except BaseException:  # a bad archive, Ctrl-C, SIGTERM: stop at once, not after the queued chunks
+            _stop_now(pool)
+            raise
     if len(seen) != len(plan):
         raise DataError(f"{archive.path}: {len(plan) - len(seen)} listed files could not be read back")
     return errors

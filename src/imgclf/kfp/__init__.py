@@ -1,4 +1,4 @@
-"""The pipeline on Kubeflow Pipelines (KFP v2): dvc.yaml's five stages as one KFP pipeline.
+"""The pipeline on Kubeflow Pipelines (KFP v2): dvc.yaml's six stages as one KFP pipeline.
 
     python -m imgclf.kfp compile --out pipeline.yaml [--image IMAGE]   # a spec to submit to a cluster
     python -m imgclf.kfp run [--set train.epochs=3 ...]                  # the same spec, run here (kfp.local)

@@ -11,8 +11,9 @@ repeated here. What comes from where:
     leaves their cached results valid, as it leaves DVC's;
   - the data version: prepare's output's DVC hash, an input of the stages downstream, so KFP's cache
     keys name the data, not only the artifact's location.
-register runs after evaluate (it reads none of evaluate's outputs, but `dvc repro` runs it last: a model
-whose evaluation fails is never registered) and is never cached: registering is its effect.
+register runs after evaluate (it depends on test.json: evaluate's test accuracy, which register reads from
+the MLflow run, decides; a model whose evaluation fails is never registered) and is never cached:
+registering is its effect.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ ARTIFACTS: dict[str, tuple[str, str] | None] = {
     "${evaluate.metrics_dir}/predictions.csv": ("evaluation", "Artifact"),
     "${evaluate.metrics_dir}/confusion.png": ("evaluation", "Artifact"),
     "${evaluate.plots_dir}": ("figures", "Artifact"),
+    "${compress.model_dir}": ("compressed", "Model"),
+    "${compress.metrics_dir}/compress.json": ("compress_metrics", "Metrics"),
     # The resumable training state stays inside the train task (a retried task trains from scratch).
     "${train.checkpoint_dir}": None,
     # What register registered: DVC's sign that the stage ran; in KFP, register's receipt output says it.
@@ -304,7 +307,7 @@ def build(project: Project, options: Options = Options()):
     )
     return dsl.pipeline(
         name=PIPELINE_NAME,
-        description="dvc.yaml's stages (download, prepare, train, evaluate, register); MLflow tracks and registers",
+        description="dvc.yaml's stages (download, prepare, train, evaluate, compress, register); MLflow tracks and registers",
     )(body)
 
 

@@ -123,8 +123,11 @@ def _inputs(values: dict, spec: dict, params: dict, work: Path) -> dict[str, dic
     upstream of them, by dvc.yaml out."""
     lock: dict[str, dict] = {}
     given = [out for outs in spec["inputs"].values() for out in outs]
-    for artifact, outs in spec["inputs"].items():
+    # Every upstream lock first: an artifact's lock also names the outputs its own task took in (compress's
+    # names train's model, where compress's task had it), which this task's copies must override.
+    for artifact in spec["inputs"]:
         lock.update(values[artifact].metadata.get(LOCK_KEY, {}))
+    for artifact, outs in spec["inputs"].items():
         for out, local in _place(params, outs, values[artifact].path, work).items():
             source = Path(values[artifact].path)
             if local != source:  # a file the artifact carries, into the stage's folder
