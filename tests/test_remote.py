@@ -20,8 +20,8 @@ from dvc.repo import Repo
 
 from conftest import free_port, fresh_copy, project_env, readme_command, run, start_server, stop, wait_for
 from imgclf.config import load_params
-from imgclf.models import load_checkpoint_dir, predict_proba
-from imgclf.register import CONTENT_TAG, content_key
+from imgclf.models import CARD_FILE, WEIGHTS_FILE, load_checkpoint_dir, predict_proba
+from imgclf.register import CONTENT_TAG, PACKAGE_DIR, content_key
 from test_variants import set_param
 
 pytestmark = pytest.mark.integration
@@ -94,15 +94,27 @@ def check_the_pulled_model_serves(clone: Path, tracking: str, monkeypatch) -> No
     """The champion the server serves is the pulled model: the same content, the same predictions."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking)
     limits = default_limits(clone)
-    champion = mlflow.MlflowClient().get_model_version_by_alias(MODEL, "champion")
-    assert champion.tags[CONTENT_TAG] == content_key(clone / "models", limits)
-    assert json.loads((clone / "models/registered.json").read_text())[CONTENT_TAG] == champion.tags[CONTENT_TAG]
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    versions = {v.version: v.tags.get(CONTENT_TAG) for v in client.search_model_versions(f"name = '{MODEL}'")}
+    recorded = json.loads((clone / "models/registered.json").read_text())[CONTENT_TAG]
+    assert recorded == champion.tags[CONTENT_TAG], (champion.version, versions)
+    assert recorded == content_key(clone / "models", limits), key_parts(clone / "models", limits)
     images = np.load(clone / "data/prepared/test_images.npy")[:16]
     model, card = load_checkpoint_dir(clone / "models")
     local = predict_proba(model, images)
     served = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(list(images))
     assert [p["index"] for p in served] == local.argmax(1).tolist()
     assert [p["probability"] for p in served] == pytest.approx(local.max(1).tolist(), abs=1e-5)
+
+
+def key_parts(model_dir: Path, limits: dict) -> dict:
+    """What content_key hashes, one digest each: where a recorded key and a recomputed one part ways."""
+    code = sorted(PACKAGE_DIR.rglob("*.py"))
+    files = [model_dir / WEIGHTS_FILE, model_dir / CARD_FILE, *code]
+    return {"package": str(PACKAGE_DIR), "limits": limits} | {
+        str(f.relative_to(PACKAGE_DIR) if f in code else f.name): sha256(f)[:12] for f in files
+    }
 
 
 def default_limits(root: Path) -> dict:
