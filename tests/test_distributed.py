@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -24,7 +23,7 @@ from conftest import default_config, free_port, fresh_copy, project_env, readme_
 from imgclf.config import ConfigError
 from imgclf.distributed import World, from_environment
 from test_reproducibility import set_params, stage
-from test_robustness import configure, epochs_done, history, md5, torch_epoch
+from test_robustness import configure, history, md5, repro_until_epoch, sigkill, torch_epoch
 
 # ---- unit: how a batch is shared out -----------------------------------------------------------------
 
@@ -220,26 +219,14 @@ def test_sigkill_of_ddp_training_then_dvc_repro_resumes_to_identical_weights(tmp
 
     root = fresh_copy(tmp_path / "killed")
     configure(root, processes="2")
-    started = time.time()
-    repro = subprocess.Popen(
-        ["dvc", "repro", "train"],
-        cwd=root,
-        env=project_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    wait_for(lambda: epochs_done(root, started) >= 3 or repro.poll() is not None, 300, "three epochs")
+    repro = repro_until_epoch(root, 3, 300, "train")
     workers = list(ranks(psutil.Process(repro.pid)).values())
     assert len(workers) == 2, "the train stage was not running in two ranks"
     # The stage's own process, which launched the two ranks: their parent. (DVC runs the stage's command
     # through $SHELL, and a shell such as dash stays between DVC and the command instead of exec'ing it.)
     (launcher,) = {p.parent() for p in workers}
     assert "imgclf.train" in " ".join(launcher.cmdline())
-    launcher.send_signal(signal.SIGKILL)
-    output, _ = repro.communicate(timeout=120)
-    assert repro.returncode != 0, output
+    sigkill(repro, [launcher])
     # The ranks die with it (they would otherwise train on, in sessions of their own).
     wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers), 30, "ranks")
     killed_at = torch_epoch(root)

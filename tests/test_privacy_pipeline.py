@@ -6,18 +6,14 @@ epsilon of an uninterrupted run and ends with its weights."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import mlflow
 import numpy as np
-import psutil
 import pytest
 
-from conftest import fresh_copy, project_env, readme_command, run, wait_for
-from test_robustness import epochs_done, md5, torch_epoch
+from conftest import fresh_copy, readme_command, run
+from test_robustness import md5, repro_until_epoch, sigkill, torch_epoch, trainers
 from test_variants import set_param
 
 pytestmark = pytest.mark.integration
@@ -80,25 +76,8 @@ def test_sigkill_mid_dp_training_then_dvc_repro_spends_the_uninterrupted_epsilon
 
     root = fresh_copy(tmp_path / "killed")
     configure(root)
-    started = time.time()
-    repro = subprocess.Popen(
-        ["dvc", "repro"],
-        cwd=root,
-        env=project_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    wait_for(lambda: epochs_done(root, started) >= 2 or repro.poll() is not None, 900, "two epochs")
-    trainers = [
-        p for p in psutil.Process(repro.pid).children(recursive=True) if "imgclf.train" in " ".join(p.cmdline())
-    ]
-    assert trainers, "the train stage was not running"
-    for p in trainers:
-        p.send_signal(signal.SIGKILL)
-    output, _ = repro.communicate(timeout=120)
-    assert repro.returncode != 0, output
+    repro = repro_until_epoch(root, 2, 900)
+    sigkill(repro, trainers(repro))
     killed_at = torch_epoch(root)
     assert 2 <= killed_at < 6
 

@@ -51,6 +51,38 @@ def epochs_done(root: Path, since: float) -> int:
         return 0
 
 
+def repro_until_epoch(root: Path, epochs: int, timeout: float, *targets: str) -> subprocess.Popen:
+    """`dvc repro [targets]` started in `root`, returned still running once its train stage has finished
+    `epochs` epochs (or returned as soon as it ended)."""
+    started = time.time()
+    repro = subprocess.Popen(
+        ["dvc", "repro", *targets],
+        cwd=root,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    wait_for(lambda: epochs_done(root, started) >= epochs or repro.poll() is not None, timeout, f"{epochs} epochs")
+    return repro
+
+
+def trainers(repro: subprocess.Popen) -> list[psutil.Process]:
+    """The processes under `repro` running the train stage's command."""
+    return [p for p in psutil.Process(repro.pid).children(recursive=True) if "imgclf.train" in " ".join(p.cmdline())]
+
+
+def sigkill(repro: subprocess.Popen, processes: list[psutil.Process]) -> str:
+    """SIGKILL `processes` of `repro`'s train stage; `repro`'s output, once it has failed."""
+    assert processes, "the train stage was not running"
+    for p in processes:
+        p.send_signal(signal.SIGKILL)
+    output, _ = repro.communicate(timeout=120)
+    assert repro.returncode != 0, output
+    return output
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -70,25 +102,8 @@ def test_sigkill_mid_training_then_dvc_repro_resumes_to_identical_weights(tmp_pa
 
     root = fresh_copy(tmp_path / "killed")
     configure(root)
-    started = time.time()
-    repro = subprocess.Popen(
-        ["dvc", "repro"],
-        cwd=root,
-        env=project_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    wait_for(lambda: epochs_done(root, started) >= 3 or repro.poll() is not None, 300, "three epochs")
-    trainers = [
-        p for p in psutil.Process(repro.pid).children(recursive=True) if "imgclf.train" in " ".join(p.cmdline())
-    ]
-    assert trainers, "the train stage was not running"
-    for p in trainers:
-        p.send_signal(signal.SIGKILL)
-    output, _ = repro.communicate(timeout=120)
-    assert repro.returncode != 0, output
+    repro = repro_until_epoch(root, 3, 300)
+    sigkill(repro, trainers(repro))
     killed_at = torch_epoch(root)
     assert 3 <= killed_at < 10
 
