@@ -33,7 +33,7 @@ from imgclf.allocator import keep_freed_memory
 from imgclf.config import Params, load_params
 from imgclf.cpus import available_cpus
 from imgclf.models import to_nchw
-from imgclf.train import Arrays, fit, new_card, score
+from imgclf.train import Arrays, FitResult, fit, new_card, score
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -53,11 +53,13 @@ def shipped_text(name: str) -> str:
     return shown.stdout if shown.returncode == 0 else (REPO / name).read_text()
 
 
-def prepared_params(archive: Path, work: Path, image_size: int, preset: str, **train) -> Params:
-    """The shipped params for `archive` at `image_size` with `preset`, its data prepared under `work` by
-    the download and prepare stages."""
+def prepared_params(archive: Path | None, work: Path, image_size: int, preset: str, **train) -> Params:
+    """The shipped params for `archive` (None: the digits) at `image_size` with `preset`, its data prepared
+    under `work` by the download and prepare stages."""
     params = yaml.safe_load(shipped_text("params.yaml"))
-    params["data"].update(dataset="imagefolder", path=str(archive), image_size=image_size, raw_dir=str(work / "raw"))
+    if archive is not None:
+        params["data"].update(dataset="imagefolder", path=str(archive), image_size=image_size)
+    params["data"].update(raw_dir=str(work / "raw"))
     params["prepare"].update(out_dir=str(work / "prepared"))
     params["train"].update(preset=preset, **train)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
@@ -73,27 +75,30 @@ def split(prepared: Path, name: str) -> Arrays:
     return Arrays(np.load(prepared / f"{name}_images.npy"), np.load(prepared / f"{name}_labels.npy"))
 
 
-def run(params: Params, seed: int, label: str) -> tuple[float, float]:
-    """(test accuracy, training seconds) of params' recipe from train.seed `seed`."""
-    params = dataclasses.replace(params, train=dataclasses.replace(params.train, seed=seed))
+def fit_and_score(params: Params, on_epoch=lambda training, metrics: None) -> tuple[FitResult, float, float]:
+    """Train params' recipe on the prepared data: the result, its test accuracy and the training seconds."""
     prepared = Path(params.prepare.out_dir)
     card = new_card(params, json.loads((prepared / "meta.json").read_text()))
     train, val, test = split(prepared, "train"), split(prepared, "val"), split(prepared, "test")
     start = time.perf_counter()
-    result = fit(
+    result = fit(params, card, train, val, CPU, on_epoch=on_epoch)
+    seconds = time.perf_counter() - start
+    x_test, y_test = to_nchw(test.images, CPU), torch.from_numpy(test.labels)
+    _, accuracy = score(result.model, x_test, y_test, result.training.memory_format)
+    return result, accuracy, seconds
+
+
+def run(params: Params, seed: int, label: str) -> tuple[float, float]:
+    """(test accuracy, training seconds) of params' recipe from train.seed `seed`."""
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, seed=seed))
+    start = time.perf_counter()
+    _, accuracy, seconds = fit_and_score(
         params,
-        card,
-        train,
-        val,
-        CPU,
         on_epoch=lambda training, m: log(
             f"    {label}, seed {seed}, epoch {training.epoch}: train loss {m['train_loss']:.3f}, "
             f"val accuracy {m['val_accuracy']:.4f} ({time.perf_counter() - start:.0f} s)"
         ),
     )
-    seconds = time.perf_counter() - start
-    x_test, y_test = to_nchw(test.images, CPU), torch.from_numpy(test.labels)
-    _, accuracy = score(result.model, x_test, y_test, result.training.memory_format)
     log(f"  {label}, seed {seed}: test accuracy {accuracy:.4f} ({seconds:.0f} s training)")
     return accuracy, seconds
 

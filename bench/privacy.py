@@ -14,55 +14,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
-import yaml
+from finetune import fit_and_score, prepared_params  # bench/finetune.py: the stages that make the data, one run
 
-from imgclf import download, prepare
-from imgclf.config import Params, load_params
-from imgclf.models import to_nchw
-from imgclf.train import Arrays, fit, new_card, score
-
-REPO = Path(__file__).resolve().parents[1]
-CPU = torch.device("cpu")
-
-
-def prepared_params(work: Path, archive: Path | None, image_size: int, **train) -> Params:
-    """The shipped params (the digits, or `archive` as an image folder), data prepared under `work`."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    if archive is not None:
-        params["data"].update(dataset="imagefolder", path=str(archive), image_size=image_size)
-    params["data"]["raw_dir"] = str(work / "raw")
-    params["prepare"]["out_dir"] = str(work / "prepared")
-    params["train"].update(train)
-    (work / "presets").mkdir()
-    for path in sorted((REPO / "presets").glob("*.yaml")):
-        (work / "presets" / path.name).write_text(path.read_text())
-    (work / "params.yaml").write_text(yaml.safe_dump(params))
-    download.main(["--params", str(work / "params.yaml")])
-    prepare.main(["--params", str(work / "params.yaml")])
-    return load_params(work / "params.yaml")
-
-
-def split(prepared: Path, name: str) -> Arrays:
-    return Arrays(np.load(prepared / f"{name}_images.npy"), np.load(prepared / f"{name}_labels.npy"))
+from imgclf.config import Params
 
 
 def run(params: Params, epsilon: float, seed: int) -> dict[str, float]:
     params = dataclasses.replace(params, train=dataclasses.replace(params.train, dp_epsilon=epsilon, seed=seed))
-    prepared = Path(params.prepare.out_dir)
-    card = new_card(params, json.loads((prepared / "meta.json").read_text()))
-    train, val, test = (split(prepared, name) for name in ("train", "val", "test"))
-    start = time.perf_counter()
-    result = fit(params, card, train, val, CPU)
-    seconds = time.perf_counter() - start
-    _, test_accuracy = score(result.model, to_nchw(test.images, CPU), torch.from_numpy(test.labels))
+    result, test_accuracy, seconds = fit_and_score(params)
     private = result.training.privacy
     return {
         "spent": result.history[-1].get("dp_epsilon", 0.0),
@@ -87,9 +51,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (train.threads; 0 = one per core)")
     args = parser.parse_args()
     given = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
-    train = {"preset": args.preset, "threads": args.threads, **{k: v for k, v in given.items() if v is not None}}
+    train = {"threads": args.threads, **{k: v for k, v in given.items() if v is not None}}
+    archive = args.archive.resolve() if args.archive else None
     with tempfile.TemporaryDirectory() as tmp:
-        params = prepared_params(Path(tmp), args.archive, args.image_size, **train)
+        params = prepared_params(archive, Path(tmp), args.image_size, args.preset, **train)
         cfg = params.train
         num_train = len(np.load(Path(params.prepare.out_dir) / "train_labels.npy"))
         print(
