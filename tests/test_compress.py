@@ -143,6 +143,8 @@ def test_int8_pipeline_measures_registers_and_exports(built_int8_project, tmp_pa
     float_version = client.get_model_version_by_alias("digits-lenet", "champion")
     int8_version = client.get_model_version_by_alias("digits-lenet-int8", "champion")
     assert int8_version.tags["compress.method"] == "int8"
+    # Its champion rule is the float model's: test accuracy, here the int8 model's own.
+    assert float(int8_version.tags["test_accuracy"]) == pytest.approx(report["int8"]["accuracy"])
     assert int8_version.run_id == float_version.run_id  # one pipeline run holds both
     logged = client.get_run(int8_version.run_id).data.metrics
     assert logged["compress/int8/accuracy"] == pytest.approx(report["int8"]["accuracy"])

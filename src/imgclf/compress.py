@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     print("compress: measuring both models on the test images")
     result = compare(model, weights.stat().st_size, compressed, len(graph), test, cfg.method)
     write_bytes(out / GRAPH_FILE, graph)
-    write_json(out / COMPRESSED_FILE, {"method": cfg.method, "val_accuracy": val_accuracy})
+    # register's record: the champion rule compares test accuracy, as for the float model (evaluate's).
+    record = {"method": cfg.method, "val_accuracy": val_accuracy, "test_accuracy": result[cfg.method]["accuracy"]}
+    write_json(out / COMPRESSED_FILE, record)
     write_json(metrics_file, result)
     with resume_pipeline_run(params.mlflow.experiment_name, weights):
         mlflow.log_metrics(

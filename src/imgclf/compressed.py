@@ -2,8 +2,8 @@
 for it.
 
 It is registered as its own model, `<name>-int8` or `<name>-pruned`, with its own `champion` alias, moved
-by the same rule as the float model's (strictly better validation accuracy, of the compressed model
-itself). It is logged as the float model is, a "models from code" pyfunc served by the same code
+by the same rule as the float model's (strictly better test accuracy, of the compressed model itself, as
+the compress stage measured it). It is logged as the float model is, a "models from code" pyfunc served by the same code
 (imgclf.serving) with the same limits, its ONNX graph in place of the safetensors weights: the same
 requests, answers and errors.
 """
@@ -81,18 +81,23 @@ def register_compressed(
     name = f"{float_name}-{SUFFIX[method]}"
     graph, card = compressed_dir / GRAPH_FILE, model_dir / CARD_FILE
     key = graph_key(graph, card, limits)
-    val_accuracy = float(info["val_accuracy"])
+    val_accuracy, test_accuracy = float(info["val_accuracy"]), float(info["test_accuracy"])
     version = same_model(client, name, key)
     if version is None:
         print(f"register: logging the {method} model ({GRAPH_FILE}, {CARD_FILE}, the serving limits, the code)")
         logged = log_compressed(graph, card, example, limits, method)
-        tags = {"val_accuracy": str(val_accuracy), CONTENT_TAG: key, "compress.method": method}
+        tags = {
+            "val_accuracy": str(val_accuracy),
+            "test_accuracy": str(test_accuracy),
+            CONTENT_TAG: key,
+            "compress.method": method,
+        }
         version = str(mlflow.register_model(logged.model_uri, name, tags=tags).version)
     previous, previous_accuracy = champion_accuracy(client, name)
-    champion = previous == version or is_better(val_accuracy, previous_accuracy)
+    champion = previous == version or is_better(test_accuracy, previous_accuracy)
     if champion and previous != version:
         client.set_registered_model_alias(name, ALIAS, version)
     mlflow.set_tag(f"registered_model_{SUFFIX[method]}", f"{name}/{version}")
     verdict = "champion" if champion else f"champion stays version {previous}"
-    print(f"register: {name} version {version} (val_accuracy {val_accuracy:.4f}): {verdict}")
+    print(f"register: {name} version {version} (test accuracy {test_accuracy:.4f}): {verdict}")
     return {"model_name": name, CONTENT_TAG: key}

@@ -16,7 +16,7 @@ from imgclf.card import ModelCard
 
 INPUT = "images"
 # The compress stage's output folder (compress.model_dir), as the register stage reads it.
-COMPRESSED_FILE = "compressed.json"  # {"method", "val_accuracy"}
+COMPRESSED_FILE = "compressed.json"  # {"method", "val_accuracy", "test_accuracy"}
 GRAPH_FILE = "model.onnx"
 SUFFIX = {"int8": "int8", "prune": "pruned"}  # the compressed model is registered as <name>-<suffix>
 
