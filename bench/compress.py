@@ -9,7 +9,9 @@ download and prepare stages, training on the CPU, then the float model as served
 checkpoint), the same graph in float under onnxruntime (what int8 is compared with inside one runtime),
 int8 (imgclf.compress: onnxruntime's static quantization, 512 calibration images, seed 0) and the pruned
 network (`--prune-amount`, `--finetune-epochs`), all timed in this one process on the same test images,
-taking turns call by call. Prints one table row per model and variant: test accuracy, size on disk,
+taking turns call by call. With `--pt2e`, also PyTorch's maintained int8 path for comparison: torchao's
+PT2E quantization with the X86 inductor quantizer (the same 512 calibration images), run by
+torch.compile (inductor, weights frozen); its size is that of its saved `torch.export` program. Prints one table row per model and variant: test accuracy, size on disk,
 median ms per image at batch 1 (and the 90th percentile), images/s at batch 64.
 """
 
@@ -17,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from finetune import prepared_params, split  # bench/finetune.py: the stages that make the data
@@ -32,7 +37,7 @@ from imgclf.compress import accuracy, calibration_sample, quantize_int8, timings
 from imgclf.config import CompressConfig, Params, load_params
 from imgclf.cpus import available_cpus
 from imgclf.export import nchw, to_onnx
-from imgclf.models import WEIGHTS_FILE, load_checkpoint_dir, predict_proba, save_checkpoint
+from imgclf.models import WEIGHTS_FILE, Classifier, load_checkpoint_dir, predict_proba, save_checkpoint
 from imgclf.onnx_model import OnnxClassifier
 from imgclf.prune import prune_and_finetune
 from imgclf.train import fit, new_card
@@ -56,6 +61,41 @@ def with_preset(work: Path, preset: str) -> Params:
     return load_params(work / "params.yaml")
 
 
+def pt2e_int8(served, card, calibration: np.ndarray) -> tuple[Callable[[np.ndarray], np.ndarray], int]:
+    """torchao's PT2E int8 of the served classifier: a runner (uint8 NHWC -> probabilities) and the bytes
+    of its saved exported program. (Imported here: torchao is a development requirement only.)"""
+    import torch._inductor.config
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    # The network alone is quantized, the classifier's normalisation and test-time views staying around it:
+    # PT2E takes one module called several times (the views) for one layer with several outputs, and fails.
+    with torch.no_grad():
+        inputs = [served.normalise(nchw(calibration[i : i + 64])) for i in range(0, len(calibration), 64)]
+    # An example of 2 images: a batch of 1 would make export specialise the batch dimension to 1.
+    example, batch = (inputs[0][:2],), ({0: torch.export.Dim("batch", min=1, max=4096)},)
+    graph = torch.export.export(served.net, example, dynamic_shapes=batch).module()
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(graph, quantizer)
+    with torch.no_grad():
+        for x in inputs:
+            prepared(x)
+    quantized = convert_pt2e(prepared)
+    saved = io.BytesIO()
+    torch.export.save(torch.export.export(quantized, example, dynamic_shapes=batch), saved)
+    torch._inductor.config.freezing = True  # constant-fold the int8 weights into the compiled kernels
+    views = Classifier(
+        torch.compile(quantized), list(card.mean), list(card.std), card.num_classes, card.tta_flip, card.tta_translate
+    )
+    views.training = False  # the views of eval mode; not .eval(), which exported modules refuse
+
+    def run(images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(views(nchw(images)), dim=1).numpy()
+
+    return run, len(saved.getvalue())
+
+
 def bench_model(params, model: str, args, work: Path) -> list[tuple[str, dict]]:
     prepared = Path(params.prepare.out_dir)
     params = dataclasses.replace(params, train=dataclasses.replace(params.train, model=model, epochs=args.epochs))
@@ -64,6 +104,7 @@ def bench_model(params, model: str, args, work: Path) -> list[tuple[str, dict]]:
     start = time.perf_counter()
     result = fit(params, card, train, val, CPU)
     log(f"  {model}: trained {args.epochs} epochs in {time.perf_counter() - start:.0f} s")
+    torch.set_num_threads(args.threads or available_cpus())  # training set its own (train.threads)
     save_checkpoint(result.model, card, work / model)  # the float model as register logs and serving loads it
     served, card = load_checkpoint_dir(work / model)
     float_graph = to_onnx(served, card, nchw(test.images[:2]))
@@ -84,6 +125,8 @@ def bench_model(params, model: str, args, work: Path) -> list[tuple[str, dict]]:
         "int8": len(int8_graph),
         "pruned": len(pruned_graph),
     }
+    if args.pt2e:
+        runners["int8-pt2e"], sizes["int8-pt2e"] = pt2e_int8(served, card, calibration_sample(train.images, 512, 0))
     clock = timings(runners, test.images, args.single, args.batches)
     rows = []
     for name, run in runners.items():
@@ -103,6 +146,7 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=200, help="timed batch-1 calls per variant")
     parser.add_argument("--batches", type=int, default=20, help="timed batch-64 calls per variant")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads of both runtimes; 0 = one per core")
+    parser.add_argument("--pt2e", action="store_true", help="also torchao's PT2E int8 under torch.compile")
     args = parser.parse_args()
     missing = [str(a) for a in args.archives if not a.is_file()]
     if missing:

@@ -58,12 +58,13 @@ def test_compress_bench_prints_its_table():
         pytest.skip(f"{archive} is absent")
     command = [sys.executable, str(REPO / "bench" / "compress.py"), "--archives", str(archive), "--models", "lenet"]
     out = subprocess.run(
-        [*command, "--epochs", "1", "--finetune-epochs", "0", "--single", "3", "--batches", "1"],
+        [*command, "--epochs", "1", "--finetune-epochs", "0", "--single", "3", "--batches", "1", "--pt2e"],
         check=True,
         capture_output=True,
         text=True,
         timeout=900,
     ).stdout
     rows = [line.split() for line in out.splitlines() if line.startswith("cifar10-jpg-mini.tar.gz ")]
-    assert [row[2] for row in rows] == ["float", "onnx-fp32", "int8", "pruned"]
+    assert [row[2] for row in rows] == ["float", "onnx-fp32", "int8", "pruned", "int8-pt2e"]
+    assert abs(float(rows[4][3]) - float(rows[0][3])) < 0.1  # torchao's int8 classifies as the float model does
     assert float(rows[2][5]) < 0.5  # int8: LeNet measured 0.38x its float bytes (the graph and scales add to 1/4)
