@@ -48,6 +48,17 @@ _LEAKY = (
 )
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_reset():
+    """MLflow's process-wide tracking URI (mlflow.set_tracking_uri, which imgclf's stages call when a test
+    runs them in this process) outranks MLFLOW_TRACKING_URI: left set, it would send a later test's
+    client, which names its store by that variable, to an earlier test's store."""
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+
+
 def project_env(**extra: str) -> dict[str, str]:
     """The environment for commands run in a project copy: this venv's tools first on PATH."""
     env = {k: v for k, v in os.environ.items() if k not in _LEAKY}

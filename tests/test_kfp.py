@@ -237,8 +237,7 @@ def test_a_local_run_registers_a_model_with_the_lineage_of_a_dvc_run(tmp_path):
     proc = run(readme_command("python -m imgclf.kfp run"), root, timeout=1200)
     assert "kfp run: digits-lenet version 1" in proc.stdout and "champion" in proc.stdout
 
-    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     version = client.get_model_version_by_alias("digits-lenet", "champion")
     assert str(version.version) == "1" and float(version.tags["val_accuracy"]) > 0.5
     record = client.get_run(version.run_id)
