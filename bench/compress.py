@@ -90,8 +90,9 @@ def pt2e_int8(served, card, calibration: np.ndarray) -> tuple[Callable[[np.ndarr
     views.training = False  # the views of eval mode; not .eval(), which exported modules refuse
 
     def run(images: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return torch.softmax(views(nchw(images)), dim=1).numpy()
+        with torch.no_grad():  # in batches of 512, as OnnxClassifier runs its graph
+            logits = [views(nchw(images[i : i + 512])) for i in range(0, len(images), 512)]
+            return torch.softmax(torch.cat(logits), dim=1).numpy()
 
     return run, len(saved.getvalue())
 
