@@ -3,6 +3,7 @@
     python bench/training.py --parts throughput,target,flops       # about 10 minutes
     python bench/training.py --parts fast --seeds 3                 # the fast preset: 13-22 minutes a seed
     python bench/training.py --parts fast --seeds 1 --preset accurate-cifar
+    python bench/training.py --parts fast --archive ../shared/datasets/cifar10-png.tar.gz --set epochs=8
     python bench/training.py --parts augment                          # about 2 minutes
 
 All on the JPEG copy of CIFAR-10 (`--archive`, default ../shared/datasets/cifar10-jpg.tar.gz), on the CPU,
@@ -197,6 +198,17 @@ def preset_keys(name: str) -> dict:
     return {k: v for k, v in dataclasses.asdict(committed(name).train).items() if k not in RUN_KEYS}
 
 
+def overrides(settings: list[str]) -> dict:
+    """`--set` KEY=VALUE pairs as train keys, each VALUE read as YAML (as `dvc exp run -S` reads it)."""
+    pairs = [s.partition("=") for s in settings]
+    bad = [
+        s for s, (k, eq, _) in zip(settings, pairs) if not eq or k not in dataclasses.asdict(committed("default").train)
+    ]
+    if bad:
+        raise SystemExit(f"--set wants KEY=VALUE with a train key: {', '.join(bad)}")
+    return {k: yaml.safe_load(v) for k, _, v in pairs}
+
+
 def our_throughput(params: Params, train: Arrays, batch_size: int, images: int, precision: str = "auto") -> float:
     """Images/s of our loop training LeNet with the tutorial's optimizer, over `images` images: the second
     of two epochs (the first warms up)."""
@@ -338,6 +350,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds run are first-seed, first-seed + 1, ...")
     parser.add_argument("--preset", default="fast-cifar")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="fast: a train key over the preset's (YAML value)",
+    )
     parser.add_argument("--tutorial-batches", type=int, default=1500, help="batches of 4 timed per repeat")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
@@ -351,7 +370,7 @@ def main() -> None:
         train, test = arrays(prepared, "train"), arrays(prepared, "test")
         bf16 = cpu_has_bf16()  # train.precision auto then trains in bf16
         log(
-            f"CIFAR-10 JPEG: {len(train.labels)} training, {len(test.labels)} test images; "
+            f"{args.archive.name}: {len(train.labels)} training, {len(test.labels)} test images; "
             f"{available_cpus()} CPU threads; torch {torch.__version__}; "
             f"train.precision auto: {'bf16 (this CPU has bf16 units)' if bf16 else 'fp32'}\n"
         )
@@ -458,7 +477,9 @@ def main() -> None:
             log(f"\n{args.preset} preset, from scratch")
             val = arrays(prepared, "val")
             seeds = range(args.first_seed, args.first_seed + args.seeds)
-            values = preset_keys(args.preset)
+            values = preset_keys(args.preset) | overrides(args.set)
+            if args.set:
+                log(f"  with {', '.join(args.set)}")
             results = [fast_preset(params, train, val, test, values, seed) for seed in seeds]
             for seed, (accuracy, seconds, evaluation) in zip(seeds, results):
                 log(
