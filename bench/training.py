@@ -198,15 +198,14 @@ def preset_keys(name: str) -> dict:
     return {k: v for k, v in dataclasses.asdict(committed(name).train).items() if k not in RUN_KEYS}
 
 
-def overrides(settings: list[str]) -> dict:
-    """`--set` KEY=VALUE pairs as train keys, each VALUE read as YAML (as `dvc exp run -S` reads it)."""
-    pairs = [s.partition("=") for s in settings]
-    bad = [
-        s for s, (k, eq, _) in zip(settings, pairs) if not eq or k not in dataclasses.asdict(committed("default").train)
-    ]
+def with_settings(recipe: dict, settings: list[str]) -> dict:
+    """A recipe (train keys) with `--set` KEY=VALUE pairs over it, each VALUE read as YAML (as `dvc exp run
+    -S` reads it); a key the recipe does not have (or a run key, e.g. seed) stops the benchmark."""
+    pairs = [setting.partition("=") for setting in settings]
+    bad = [key + eq + value for key, eq, value in pairs if not eq or key not in recipe]
     if bad:
-        raise SystemExit(f"--set wants KEY=VALUE with a train key: {', '.join(bad)}")
-    return {k: yaml.safe_load(v) for k, _, v in pairs}
+        raise SystemExit(f"--set wants KEY=VALUE with a recipe key of train: {', '.join(bad)}")
+    return recipe | {key: yaml.safe_load(value) for key, _, value in pairs}
 
 
 def our_throughput(params: Params, train: Arrays, batch_size: int, images: int, precision: str = "auto") -> float:
@@ -360,6 +359,7 @@ def main() -> None:
     parser.add_argument("--tutorial-batches", type=int, default=1500, help="batches of 4 timed per repeat")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
+    recipe = with_settings(preset_keys(args.preset), args.set)  # before any work: a bad --set stops at once
     if not args.archive.is_file():
         raise SystemExit(f"{args.archive} is absent")
     torch.set_num_threads(available_cpus())
@@ -477,10 +477,9 @@ def main() -> None:
             log(f"\n{args.preset} preset, from scratch")
             val = arrays(prepared, "val")
             seeds = range(args.first_seed, args.first_seed + args.seeds)
-            values = preset_keys(args.preset) | overrides(args.set)
             if args.set:
                 log(f"  with {', '.join(args.set)}")
-            results = [fast_preset(params, train, val, test, values, seed) for seed in seeds]
+            results = [fast_preset(params, train, val, test, recipe, seed) for seed in seeds]
             for seed, (accuracy, seconds, evaluation) in zip(seeds, results):
                 log(
                     f"  seed {seed}: test accuracy {accuracy:.4f}, {seconds / 60:.1f} min training "
