@@ -1,13 +1,14 @@
 """Benchmark on a GPU: the fast preset's time to a target test accuracy (94% by default), and the
-recipes beside it, on the JPEG CIFAR-10, with the device named.
+recipes beside it, on CIFAR-10's original pixels (the PNG copy, `--archive`), with the device named.
 
     python bench/gpu.py                                   # a few minutes on one recent GPU
-    python bench/gpu.py --set micro_batch=0 --target 0.91 --ladder 10,12 --variant compile=true
+    python bench/gpu.py --set micro_batch=0 --ladder 10,12 --variant compile=true
     python bench/gpu.py --variant preset=accurate-cifar --budget-s 400 \\
         --variant preset=none,model=resnet18,optimizer=sgd,nesterov=true,lr=0.4,batch_size=512,epochs=30
     python bench/gpu.py --device cpu --archive ../shared/datasets/cifar10-jpg-mini.tar.gz --set epochs=1
 
-On the JPEG copy of CIFAR-10 the recipes tried level off near 91.5%: 94% is not reached there.
+On the JPEG copy of CIFAR-10 (`--archive ../shared/datasets/cifar10-jpg.tar.gz`) the recipes tried level off
+near 91.5%: 94% is not reached there.
 
 In order, each printed as it ends, until --budget-s seconds have passed (no run starts after that):
   device       the GPU's name, torch and CUDA versions, and its bf16 matrix-multiply rate (8192^3)

@@ -1,8 +1,9 @@
 """Benchmark: the prepare stage on an image-folder archive against torchvision's ImageFolder + DataLoader.
 
-    python bench/prepare.py [--archive ../shared/datasets/cifar10-jpg.tar.gz] [--runs 3]
+    python bench/prepare.py [--archive ../shared/datasets/cifar10-png.tar.gz] [--runs 3]
 
-Both decode the same JPEG files to uint8 tensors of the same size, side by side in one run, alternating:
+Both decode the same image files (PNG or JPEG) to uint8 tensors of the same size, side by side in one run,
+alternating:
   prepare      `python -m imgclf.prepare` on the archive (download stage done beforehand): lists it,
                decodes every image once in parallel and writes memory-mapped arrays; whole process timed
   ImageFolder  the archive extracted to a folder (not timed), then torchvision.datasets.ImageFolder +
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +30,7 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+DEFAULT_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-png.tar.gz"
 
 IMAGEFOLDER = textwrap.dedent("""
     import sys, torch
@@ -88,6 +90,7 @@ def main() -> None:
         params = yaml.safe_load((REPO / "params.yaml").read_text())
         params["data"].update(dataset="imagefolder", path=str(args.archive.resolve()), image_size=args.image_size)
         (work / "params.yaml").write_text(yaml.safe_dump(params))
+        shutil.copytree(REPO / "presets", work / "presets")  # params.yaml's train.preset names one
         subprocess.run([sys.executable, "-m", "imgclf.download"], cwd=work, check=True, stdout=subprocess.DEVNULL)
         folder = Path(tmp) / "folder"
         with tarfile.open(args.archive) as tar:

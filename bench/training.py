@@ -1,12 +1,12 @@
 """Benchmark: our training loop against the classic PyTorch tutorial loop, and the fast CIFAR-10 preset.
 
     python bench/training.py --parts throughput,target,flops       # about 10 minutes
-    python bench/training.py --parts fast --seeds 3                 # the fast preset: 13-22 minutes a seed
+    python bench/training.py --parts fast --seeds 3                 # the fast preset: 14-24 minutes a seed
     python bench/training.py --parts fast --seeds 1 --preset accurate-cifar
-    python bench/training.py --parts fast --archive ../shared/datasets/cifar10-png.tar.gz --set epochs=8
+    python bench/training.py --parts fast --archive ../shared/datasets/cifar10-jpg.tar.gz --set epochs=7
     python bench/training.py --parts augment                          # about 2 minutes
 
-All on the JPEG copy of CIFAR-10 (`--archive`, default ../shared/datasets/cifar10-jpg.tar.gz), on the CPU,
+All on CIFAR-10's original pixels (`--archive`, default ../shared/datasets/cifar10-png.tar.gz), on the CPU,
 with the model classes and training loop of this package; the tutorial loop is written out below as
 the reference. Parts:
   throughput  images/s training LeNet: the tutorial loop (ImageFolder with PIL transforms, DataLoader
@@ -60,7 +60,7 @@ from imgclf.models import TutorialLeNet, build, to_nchw
 from imgclf.train import Arrays, Training, fit, new_card, score
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-jpg.tar.gz"
+DEFAULT_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-png.tar.gz"
 TUTORIAL_ACCURACY = 0.545  # the tutorial loop's 2-epoch test accuracy on this data (datasets README)
 TUTORIAL_IMAGES = 100_000  # its 2 epochs
 CPU = torch.device("cpu")

@@ -219,12 +219,78 @@ def built_int8_project(tmp_path_factory) -> tuple[Path, subprocess.CompletedProc
     return root, run(["dvc", "repro"], root)
 
 
+def stage(root: Path, name: str, uri: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m imgclf.<name> --params params.yaml` in `root`, tracking to its own SQLite store (or `uri`)."""
+    env = project_env(MLFLOW_TRACKING_URI=uri or f"sqlite:///{root / 'store.db'}")
+    return subprocess.run(
+        [sys.executable, "-m", f"imgclf.{name}", "--params", "params.yaml"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def prepare_once(tmp_path_factory) -> Path:
+    """The digits downloaded and prepared under the committed params, for a module's tests to copy: the
+    `data/` folder."""
+    root = tmp_path_factory.mktemp("prepared")
+    write_params(root, default_params())
+    for name in ("download", "prepare"):
+        proc = stage(root, name)
+        assert proc.returncode == 0, f"{name}:\n{proc.stderr}"
+    return root / "data"
+
+
 def wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def start_model_server(command: str, cwd: Path, port: int, env: dict, log: Path | None = None) -> subprocess.Popen:
+    """A README `mlflow models serve` line run through the shell in `cwd`, in its own process group
+    (see stop_model_server), once /ping answers on `port`. Its output goes to `log`, else to a pipe
+    that a failed start prints."""
+    out = open(log, "wb") if log else subprocess.PIPE
+    try:
+        proc = subprocess.Popen(
+            command, shell=True, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    finally:
+        if log:
+            out.close()
+
+    def up() -> bool:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
+            return True
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(f"the model server exited with code {proc.returncode}") from None
+            return False
+
+    try:
+        wait_for(up, 180, f"the model server on port {port}")
+    except AssertionError as error:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        raise AssertionError(f"{error}\n{started_output(proc, log)}") from None
+    return proc
+
+
+def started_output(proc: subprocess.Popen, log: Path | None) -> str:
+    return log.read_text(errors="replace") if log else proc.stdout.read().decode(errors="replace")
+
+
+def stop_model_server(proc: subprocess.Popen) -> None:
+    """Stop a model server as Ctrl-C would its process group (SIGTERM), and wait for it."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)
 
 
 def start_server(root: Path, port: int) -> subprocess.Popen:

@@ -145,14 +145,14 @@ def test_a_key_given_in_params_wins_over_the_preset_and_is_reported(tmp_path):
     assert params.train.epochs == 12
     assert as_flat_dict(params)["train.epochs"] == 12  # what MLflow logs
     # Only the key that differs from the preset is an override; the same value given again is not.
-    assert [str(o) for o in params.provenance.overrides] == ["Overriding: train.epochs = 12 (preset fast-cifar: 7)"]
+    assert [str(o) for o in params.provenance.overrides] == ["Overriding: train.epochs = 12 (preset fast-cifar: 8)"]
 
 
 def test_a_preset_builds_on_its_base(tmp_path):
     params = load_params(edited_params(tmp_path, lambda p: p["train"].update(preset="accurate-cifar")))
     fast = load_params(edited_params(tmp_path / "fast", lambda p: p["train"].update(preset="fast-cifar")))
-    assert params.train.epochs == 14 and fast.train.epochs == 7
-    assert dataclasses.replace(params.train, epochs=7, preset="fast-cifar") == fast.train
+    assert params.train.epochs == 14 and fast.train.epochs == 8
+    assert dataclasses.replace(params.train, epochs=8, preset="fast-cifar") == fast.train
     assert len(params.provenance.presets) == 3
 
 
@@ -170,7 +170,7 @@ def test_the_train_stage_prints_each_override_once(tmp_path):
     proc = train(epochs=12, lr=-1.0)
     assert proc.returncode == 2 and "train.lr: must be > 0" in proc.stderr  # validated before anything else
     proc = train(epochs=12)
-    assert proc.stdout.count("Overriding: train.epochs = 12 (preset fast-cifar: 7)") == 1
+    assert proc.stdout.count("Overriding: train.epochs = 12 (preset fast-cifar: 8)") == 1
     assert proc.returncode != 0 and "meta.json" in proc.stderr  # then it stops: there is no prepared data
 
 

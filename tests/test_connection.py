@@ -11,18 +11,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
-import signal
 import socket
-import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import free_port, project_env, readme_command, run
+from conftest import free_port, project_env, readme_command, run, start_model_server, stop_model_server
 
 pytestmark = pytest.mark.integration
 
@@ -47,29 +43,10 @@ def strict_server(built_project, tmp_path_factory):
     command = command.replace('"models:/digits-lenet@champion"', str(model)).replace("-p 5001", f"-p {port} -t 2")
     assert str(model) in command and "-t 2" in command
     log = tmp / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            command,
-            shell=True,
-            cwd=root,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=project_env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false", UVICORN_TIMEOUT_KEEP_ALIVE="1"),
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"server did not start:\n{log.read_text()}")
-            time.sleep(0.5)
+    env = project_env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false", UVICORN_TIMEOUT_KEEP_ALIVE="1")
+    proc = start_model_server(command, root, port, env, log)
     yield port, log
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    stop_model_server(proc)
 
 
 def connect(port: int, timeout: float = 10) -> socket.socket:

@@ -19,10 +19,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import default_config, free_port, fresh_copy, project_env, readme_command, run, wait_for
+from conftest import (
+    default_config,
+    free_port,
+    fresh_copy,
+    prepare_once,
+    project_env,
+    readme_command,
+    run,
+    stage,
+    wait_for,
+)
 from imgclf.config import ConfigError
 from imgclf.distributed import World, from_environment
-from test_reproducibility import set_params, stage
+from test_reproducibility import set_params
 from test_robustness import configure, history, md5, repro_until_epoch, sigkill, torch_epoch
 
 # ---- unit: how a batch is shared out -----------------------------------------------------------------
@@ -83,11 +93,7 @@ def runs(root: Path) -> list:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prepared")
-    set_params(root)
-    for name in ("download", "prepare"):
-        assert stage(root, name).returncode == 0
-    return root / "data"
+    return prepare_once(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

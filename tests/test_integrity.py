@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import project_env
+from conftest import prepare_once, project_env, stage
 from imgclf import checkpoint
 from imgclf.integrity import chance_accuracy, chance_bar, content_sha256, nonfinite
 from imgclf.tracking import WEIGHTS_TAG, sha256_file
-from test_reproducibility import set_params, sha, stage
+from test_reproducibility import set_params, sha
 
 MODEL = "digits-lenet"
 
@@ -50,11 +50,7 @@ def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prepared")
-    set_params(root)
-    for name in ("download", "prepare"):
-        ok(stage(root, name))
-    return root / "data"
+    return prepare_once(tmp_path_factory)
 
 
 @pytest.fixture

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from conftest import card_for, default_config, default_params, project_env, write_params
+from conftest import card_for, default_config, default_params, prepare_once, stage, write_params
 from imgclf import checkpoint, privacy
 from imgclf.config import ConfigError
 from imgclf.models import build
@@ -152,19 +150,9 @@ def test_the_card_of_a_private_model_normalises_with_fixed_values_not_the_traini
 # ---- the train stage, as a process on the digits ---------------------------------------------------
 
 
-def stage(root: Path, name: str) -> subprocess.CompletedProcess:
-    env = project_env(MLFLOW_TRACKING_URI=f"sqlite:///{root / 'store.db'}")
-    cmd = [sys.executable, "-m", f"imgclf.{name}", "--params", "params.yaml"]
-    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prepared")
-    write_params(root)
-    for name in ("download", "prepare"):
-        assert stage(root, name).returncode == 0
-    return root / "data"
+    return prepare_once(tmp_path_factory)
 
 
 def with_train(root: Path, prepared: Path, **train) -> Path:

@@ -6,28 +6,14 @@ from __future__ import annotations
 import hashlib
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import default_params, project_env, write_params
+from conftest import default_params, prepare_once, stage, write_params
 from imgclf import checkpoint
-
-
-def stage(root: Path, name: str, uri: str | None = None) -> subprocess.CompletedProcess:
-    env = project_env(MLFLOW_TRACKING_URI=uri or f"sqlite:///{root / 'store.db'}")
-    return subprocess.run(
-        [sys.executable, "-m", f"imgclf.{name}", "--params", "params.yaml"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
 
 
 def set_params(root: Path, **train) -> None:
@@ -42,11 +28,7 @@ def sha(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prepared")
-    set_params(root)
-    for name in ("download", "prepare"):
-        assert stage(root, name).returncode == 0
-    return root / "data"
+    return prepare_once(tmp_path_factory)
 
 
 @pytest.fixture

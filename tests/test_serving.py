@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import csv
 import json
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -14,7 +13,7 @@ import urllib.request
 import numpy as np
 import pytest
 
-from conftest import free_port, project_env, readme_block, readme_command, run
+from conftest import free_port, project_env, readme_block, readme_command, run, start_model_server, stop_model_server
 from imgclf.images import encode_png
 
 pytestmark = pytest.mark.integration
@@ -30,32 +29,9 @@ def server(request):
     prefix = guarded if request.param == "float" else f'{guarded} -m "models:/digits-lenet-int8'
     command = readme_command(prefix).replace("-p 5001", f"-p {port}")
     assert f"-p {port}" in command
-    proc = subprocess.Popen(
-        command,
-        shell=True,
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=project_env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"),
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/ping", timeout=5)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError(f"server did not start:\n{proc.stdout.read().decode()}")
-            time.sleep(0.5)
-    yield root, url, port
-    import os
-    import signal
-
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    proc = start_model_server(command, root, port, project_env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"))
+    yield root, f"http://127.0.0.1:{port}", port
+    stop_model_server(proc)
 
 
 def post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 
 import test_integrity
+from conftest import stage
 from imgclf.store import marker
 from test_integrity import ok
-from test_reproducibility import set_params, stage
+from test_reproducibility import set_params
 
 pytestmark = pytest.mark.integration
 prepared, trained = test_integrity.prepared, test_integrity.trained  # the fixtures

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import secrets
 import shlex
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -28,7 +26,9 @@ from conftest import (
     readme_command,
     run,
     start_mlflow,
+    start_model_server,
     stop,
+    stop_model_server,
 )
 from test_variants import set_param
 
@@ -200,24 +200,8 @@ def test_the_champion_serves_from_the_server(server, team, monkeypatch):
     command = readme_command("UVICORN_HTTP=imgclf.connection:GuardedH11Protocol mlflow models serve").replace(
         "-p 5001", f"-p {port}"
     )
-    proc = subprocess.Popen(
-        command,
-        shell=True,
-        cwd=bob,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=project_env(**server.env("bob")),
-        start_new_session=True,
-    )
+    proc = start_model_server(command, bob, port, project_env(**server.env("bob")))
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5)
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
-                time.sleep(0.5)
         image = (REPO / "examples/digit-3.png").read_bytes()
         body = json.dumps({"inputs": [base64.b64encode(image).decode()]}).encode()
         request = urllib.request.Request(
@@ -225,8 +209,7 @@ def test_the_champion_serves_from_the_server(server, team, monkeypatch):
         )
         served = json.load(urllib.request.urlopen(request, timeout=120))["predictions"][0]
     finally:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=30)
+        stop_model_server(proc)
     server.as_admin(monkeypatch)
     versions = {v: mlflow.pyfunc.load_model(f"models:/{MODEL}/{v}").predict([image])[0] for v in ("1", "2")}
     assert served["probability"] == pytest.approx(versions["2"]["probability"], abs=1e-6)

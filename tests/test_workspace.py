@@ -39,7 +39,7 @@ def after_an_experiment(tmp_path_factory):
         ],
         root,
     )
-    assert "Overriding: train.epochs = 1 (preset fast-cifar: 7)" in proc.stdout
+    assert "Overriding: train.epochs = 1 (preset fast-cifar: 8)" in proc.stdout
     applied = yaml.safe_load((root / "params.yaml").read_text())
     assert applied["train"]["preset"] == "fast-cifar" and applied["prepare"]["val_fraction"] == 0.3
     return root
