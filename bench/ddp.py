@@ -23,6 +23,7 @@ from pathlib import Path
 
 import mlflow
 import yaml
+from shipped import committed_params, copy_presets  # bench/shipped.py: the project as git holds it
 
 from imgclf.config import parse_value
 from imgclf.cpus import available_cpus
@@ -43,12 +44,10 @@ def stage(root: Path, name: str) -> None:
 
 
 def write_params(root: Path, train: dict) -> None:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = committed_params()
     params["train"].update(train)
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    (root / "presets").mkdir(exist_ok=True)
-    for preset in (REPO / "presets").glob("*.yaml"):
-        (root / "presets" / preset.name).write_text(preset.read_text())
+    copy_presets(root / "presets")
 
 
 def images_per_s(root: Path) -> float:

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from shipped import committed_params, copy_presets  # bench/shipped.py: the project as git holds it
 
 from imgclf import download, prepare
 from imgclf.allocator import keep_freed_memory
@@ -46,26 +46,17 @@ def log(*args) -> None:
     print(*args, flush=True)
 
 
-def shipped_text(name: str) -> str:
-    """A tracked file as git's index holds it (`dvc exp run` leaves an experiment applied to the
-    workspace); the file itself outside a checkout."""
-    shown = subprocess.run(["git", "show", f":{name}"], cwd=REPO, capture_output=True, text=True)
-    return shown.stdout if shown.returncode == 0 else (REPO / name).read_text()
-
-
 def prepared_params(archive: Path | None, work: Path, image_size: int, preset: str, **train) -> Params:
     """The shipped params for `archive` (None: the digits) at `image_size` with `preset`, its data prepared
     under `work` by the download and prepare stages."""
-    params = yaml.safe_load(shipped_text("params.yaml"))
+    params = committed_params()
     if archive is not None:
         params["data"].update(dataset="imagefolder", path=str(archive), image_size=image_size)
     params["data"].update(raw_dir=str(work / "raw"))
     params["prepare"].update(out_dir=str(work / "prepared"))
     params["train"].update(preset=preset, **train)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
-    for path in sorted((REPO / "presets").glob("*.yaml")):
-        (work / "presets").mkdir(exist_ok=True)
-        (work / "presets" / path.name).write_text(shipped_text(f"presets/{path.name}"))
+    copy_presets(work / "presets")
     download.main(["--params", str(work / "params.yaml")])
     prepare.main(["--params", str(work / "params.yaml")])
     return load_params(work / "params.yaml")

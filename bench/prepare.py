@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import psutil
 import yaml
+from shipped import committed_params, copy_presets  # bench/shipped.py: the project as git holds it
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHIVE = REPO.parent / "shared" / "datasets" / "cifar10-png.tar.gz"
@@ -87,10 +87,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp) / "work"
         work.mkdir()
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params = committed_params()
         params["data"].update(dataset="imagefolder", path=str(args.archive.resolve()), image_size=args.image_size)
         (work / "params.yaml").write_text(yaml.safe_dump(params))
-        shutil.copytree(REPO / "presets", work / "presets")  # params.yaml's train.preset names one
+        copy_presets(work / "presets")
         subprocess.run([sys.executable, "-m", "imgclf.download"], cwd=work, check=True, stdout=subprocess.DEVNULL)
         folder = Path(tmp) / "folder"
         with tarfile.open(args.archive) as tar:

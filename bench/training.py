@@ -1,7 +1,7 @@
 """Benchmark: our training loop against the classic PyTorch tutorial loop, and the fast CIFAR-10 preset.
 
     python bench/training.py --parts throughput,target,flops       # about 10 minutes
-    python bench/training.py --parts fast --seeds 3                 # the fast preset: 14-24 minutes a seed
+    python bench/training.py --parts fast --seeds 3                 # the fast preset: about 14 minutes a seed
     python bench/training.py --parts fast --seeds 1 --preset accurate-cifar
     python bench/training.py --parts fast --archive ../shared/datasets/cifar10-jpg.tar.gz --set epochs=7
     python bench/training.py --parts augment                          # about 2 minutes
@@ -35,7 +35,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import tarfile
 import tempfile
 import time
@@ -45,6 +44,7 @@ import numpy as np
 import torch
 import torchvision.transforms as transforms
 import yaml
+from shipped import committed_params, copy_presets  # bench/shipped.py: the project as git holds it
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.datasets import ImageFolder
 
@@ -94,24 +94,6 @@ def log(*args) -> None:
 
 
 # ---- data ---------------------------------------------------------------------------------------
-
-
-def shipped_text(name: str) -> str:
-    """A tracked file of the project as git's index holds it (as the tests read it), not as the workspace
-    does: `dvc exp run` leaves an experiment's params applied there. The file itself outside a checkout."""
-    shown = subprocess.run(["git", "show", f":{name}"], cwd=REPO, capture_output=True, text=True)
-    return shown.stdout if shown.returncode == 0 else (REPO / name).read_text()
-
-
-def committed_params() -> dict:
-    """The project's params.yaml as shipped (see shipped_text)."""
-    return yaml.safe_load(shipped_text("params.yaml"))
-
-
-def copy_presets(dest: Path) -> None:
-    dest.mkdir(parents=True, exist_ok=True)
-    for path in sorted((REPO / "presets").glob("*.yaml")):
-        (dest / path.name).write_text(shipped_text(f"presets/{path.name}"))
 
 
 def prepare(archive: Path, work: Path, extract: bool = True) -> tuple[Path, Path | None, Params]:

@@ -251,18 +251,14 @@ def wait_for(predicate, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def start_model_server(command: str, cwd: Path, port: int, env: dict, log: Path | None = None) -> subprocess.Popen:
+def start_model_server(command: str, cwd: Path, port: int, env: dict, log: Path) -> subprocess.Popen:
     """A README `mlflow models serve` line run through the shell in `cwd`, in its own process group
-    (see stop_model_server), once /ping answers on `port`. Its output goes to `log`, else to a pipe
-    that a failed start prints."""
-    out = open(log, "wb") if log else subprocess.PIPE
-    try:
+    (see stop_model_server), once /ping answers on `port`. Its output goes to the file `log` (a pipe
+    that nobody reads would block the server once it fills), which a failed start prints."""
+    with open(log, "wb") as out:
         proc = subprocess.Popen(
             command, shell=True, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    finally:
-        if log:
-            out.close()
 
     def up() -> bool:
         try:
@@ -279,12 +275,8 @@ def start_model_server(command: str, cwd: Path, port: int, env: dict, log: Path 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
-        raise AssertionError(f"{error}\n{started_output(proc, log)}") from None
+        raise AssertionError(f"{error}\n{log.read_text(errors='replace')}") from None
     return proc
-
-
-def started_output(proc: subprocess.Popen, log: Path | None) -> str:
-    return log.read_text(errors="replace") if log else proc.stdout.read().decode(errors="replace")
 
 
 def stop_model_server(proc: subprocess.Popen) -> None:

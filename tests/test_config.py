@@ -151,7 +151,7 @@ def test_a_key_given_in_params_wins_over_the_preset_and_is_reported(tmp_path):
 def test_a_preset_builds_on_its_base(tmp_path):
     params = load_params(edited_params(tmp_path, lambda p: p["train"].update(preset="accurate-cifar")))
     fast = load_params(edited_params(tmp_path / "fast", lambda p: p["train"].update(preset="fast-cifar")))
-    assert params.train.epochs == 14 and fast.train.epochs == 8
+    assert params.train.epochs == 24 and fast.train.epochs == 8
     assert dataclasses.replace(params.train, epochs=8, preset="fast-cifar") == fast.train
     assert len(params.provenance.presets) == 3
 

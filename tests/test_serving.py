@@ -29,7 +29,8 @@ def server(request):
     prefix = guarded if request.param == "float" else f'{guarded} -m "models:/digits-lenet-int8'
     command = readme_command(prefix).replace("-p 5001", f"-p {port}")
     assert f"-p {port}" in command
-    proc = start_model_server(command, root, port, project_env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"))
+    log = request.getfixturevalue("tmp_path_factory").mktemp(f"serve-{request.param}") / "server.log"
+    proc = start_model_server(command, root, port, project_env(MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false"), log)
     yield root, f"http://127.0.0.1:{port}", port
     stop_model_server(proc)
 

@@ -193,14 +193,14 @@ def test_champion_moves_only_on_improvement_across_users(server, team, monkeypat
     assert client.get_model_version_by_alias(MODEL, "champion").version == "2"
 
 
-def test_the_champion_serves_from_the_server(server, team, monkeypatch):
+def test_the_champion_serves_from_the_server(server, team, monkeypatch, tmp_path):
     """`mlflow models serve -m models:/...@champion` run by bob, the model downloaded through the server."""
     _, bob, _ = team
     port = free_port()
     command = readme_command("UVICORN_HTTP=imgclf.connection:GuardedH11Protocol mlflow models serve").replace(
         "-p 5001", f"-p {port}"
     )
-    proc = start_model_server(command, bob, port, project_env(**server.env("bob")))
+    proc = start_model_server(command, bob, port, project_env(**server.env("bob")), tmp_path / "server.log")
     try:
         image = (REPO / "examples/digit-3.png").read_bytes()
         body = json.dumps({"inputs": [base64.b64encode(image).decode()]}).encode()

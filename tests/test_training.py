@@ -69,12 +69,8 @@ def test_lookahead_in_a_run_shorter_than_five_steps_still_returns_trained_weight
     assert all(torch.equal(a, b) for a, b in zip(run.final_model.parameters(), run.model.parameters()))
 
 
-def test_muon_training_resumed_from_a_checkpoint_ends_with_the_same_weights(tmp_path):
-    """The optimizer's two kinds of state (SGD's and the filters' momentum) go through a checkpoint file."""
-    train = dict(batch_size=32, epochs=2, optimizer="muon", muon_lr=0.1, nesterov=True, schedule="onecycle")
-    whole = make_training(64, **train)
-    losses = [whole.run_epoch()["train_loss"] for _ in range(2)]
-    assert losses[1] < losses[0]
+def assert_resumed_like(whole, train: dict, tmp_path) -> None:
+    """A run of 2 epochs stopped after the first, checkpointed and resumed ends with `whole`'s weights."""
     first = make_training(64, **train)
     first.run_epoch()
     checkpoint.save(first.state_dict(), tmp_path)
@@ -83,6 +79,15 @@ def test_muon_training_resumed_from_a_checkpoint_ends_with_the_same_weights(tmp_
     resumed.run_epoch()
     for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_muon_training_resumed_from_a_checkpoint_ends_with_the_same_weights(tmp_path):
+    """The optimizer's two kinds of state (SGD's and the filters' momentum) go through a checkpoint file."""
+    train = dict(batch_size=32, epochs=2, optimizer="muon", muon_lr=0.1, nesterov=True, schedule="onecycle")
+    whole = make_training(64, **train)
+    losses = [whole.run_epoch()["train_loss"] for _ in range(2)]
+    assert losses[1] < losses[0]
+    assert_resumed_like(whole, train, tmp_path)
 
 
 def precision(name: str):
@@ -140,14 +145,7 @@ def test_strong_augmentation_and_mixing_resume_from_a_checkpoint_to_the_same_wei
     whole = make_training(64, **train)
     metrics = [whole.run_epoch() for _ in range(2)]
     assert all(np.isfinite(m["train_loss"]) and 0 <= m["train_accuracy"] <= 1 for m in metrics)
-    first = make_training(64, **train)
-    first.run_epoch()
-    checkpoint.save(first.state_dict(), tmp_path)
-    resumed = make_training(64, **train)
-    resumed.load_state_dict(checkpoint.load(tmp_path))
-    resumed.run_epoch()
-    for a, b in zip(whole.model.state_dict().values(), resumed.model.state_dict().values()):
-        assert torch.equal(a, b)
+    assert_resumed_like(whole, train, tmp_path)
 
 
 def test_mixed_batches_train_on_soft_targets_and_count_accuracy_against_the_labels():
