@@ -1,15 +1,23 @@
-"""Benchmark: fine-tuning ImageNet weights against training the same net from scratch, on little data.
+"""Benchmark: fine-tuning ImageNet weights, with the preset's recipe and with a plain one, against
+training the same net from scratch, on little data.
 
     python bench/finetune.py --seeds 3
+    python bench/finetune.py --archive ../shared/datasets/cifar10-png.tar.gz --classes 5 --per-class 600
 
 On the 1,000-image slice of CIFAR-10 (`--archive`, default ../shared/datasets/cifar10-jpg-mini.tar.gz:
 100 training images per class, 15% of them held out for validation by the prepare stage, and 20 test
-images per class) at 96 px (`--image-size`), on the CPU, with presets/finetune.yaml's recipe (or
-`--preset`): torchvision's mobilenet_v2 (`--model`) from the ImageNet weights in `--weights` (default
-../shared/weights/mobilenet_v2-imagenet.safetensors, or the file IMGCLF_WEIGHTS names), against the
-same net, recipe, images and seeds from random weights (the only differences: no frozen epoch, one
-learning rate for the whole net, and the data's own normalisation instead of ImageNet's). Prints each
-run's test accuracy and time, then per arm the mean, standard deviation and range over the seeds.
+images per class) at 96 px (`--image-size`), on the CPU, three arms with the same net, images and seeds:
+- presets/finetune.yaml's recipe (or `--preset`): torchvision's mobilenet_v2 (`--model`) from the
+  ImageNet weights in `--weights` (default ../shared/weights/mobilenet_v2-imagenet.safetensors, or the
+  file IMGCLF_WEIGHTS names);
+- plain fine-tuning from the same weights: the options the project had before the recipe (6 epochs,
+  AdamW, one frozen epoch, flips and shifts of an eighth of the image, one learning rate for the whole
+  net, no label smoothing, crops or policies), the rest as the preset (`--no-plain` leaves it out);
+- the preset's recipe from random weights (no frozen epoch, one learning rate for the whole net, and the
+  data's own normalisation instead of ImageNet's).
+`--classes N --per-class M` first cuts a smaller image folder out of a tar archive: its first N classes
+(alphabetically), the first M training images of each, and all their test images. Prints each run's
+test accuracy and time, then per arm the mean, standard deviation and range over the seeds.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import dataclasses
 import json
 import os
 import statistics
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -62,6 +71,24 @@ def prepared_params(archive: Path | None, work: Path, image_size: int, preset: s
     return load_params(work / "params.yaml")
 
 
+def subset(archive: Path, out: Path, classes: int, per_class: int) -> Path:
+    """An image-folder tar of `archive`'s first `classes` classes: the first `per_class` training images of
+    each (by name) and all of their held-out images, written to `out`."""
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and len(Path(m.name).parts) >= 3]
+        split_class = {m.name: Path(m.name).parts[-3:-1] for m in members}
+        kept_classes = sorted({c for s, c in split_class.values() if s == "train"})[:classes]
+        chosen: list[tarfile.TarInfo] = []
+        for name in kept_classes:
+            train = sorted((m for m in members if split_class[m.name] == ("train", name)), key=lambda m: m.name)
+            chosen += train[:per_class]
+            chosen += [m for m in members if split_class[m.name][1] == name and split_class[m.name][0] != "train"]
+        with tarfile.open(out, "w") as kept:
+            for member in chosen:
+                kept.addfile(member, tar.extractfile(member))
+    return out
+
+
 def split(prepared: Path, name: str) -> Arrays:
     return Arrays(np.load(prepared / f"{name}_images.npy"), np.load(prepared / f"{name}_labels.npy"))
 
@@ -94,6 +121,30 @@ def run(params: Params, seed: int, label: str) -> tuple[float, float]:
     return accuracy, seconds
 
 
+def plain(params: Params, image_size: int, epochs: int | None) -> Params:
+    """params' fine-tuning with the options the project had before presets/finetune.yaml: 6 epochs (or
+    `epochs`), AdamW, one frozen epoch, flips and shifts, one learning rate for the whole net."""
+    return dataclasses.replace(
+        params,
+        train=dataclasses.replace(
+            params.train,
+            optimizer="adamw",
+            epochs=epochs or 6,
+            freeze_epochs=1,
+            backbone_lr_scale=1.0,
+            flip=True,
+            translate=image_size // 8,
+            resized_crop=0.0,
+            auto_augment="none",
+            random_erase=0.0,
+            mixup_alpha=0.0,
+            cutmix_alpha=0.0,
+            label_smoothing=0.0,
+            ema_decay=0.0,
+        ),
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
@@ -101,8 +152,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--preset", default="finetune")
     parser.add_argument("--model", default="torchvision:mobilenet_v2")
-    parser.add_argument("--epochs", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--epochs", type=int, default=None, help="every arm's epochs (default: the preset's; plain: 6)")
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--classes", type=int, default=None, help="keep the archive's first N classes")
+    parser.add_argument("--per-class", type=int, default=None, help="and the first M training images of each")
+    parser.add_argument("--no-plain", action="store_true", help="leave out the plain fine-tuning arm")
     args = parser.parse_args()
     for path in (args.archive, args.weights):
         if not path.is_file():
@@ -111,8 +165,13 @@ def main() -> None:
     keep_freed_memory()  # as the train stage does
     extra = {"epochs": args.epochs} if args.epochs else {}
     with tempfile.TemporaryDirectory() as tmp:
+        archive = args.archive.resolve()
+        if args.classes or args.per_class:
+            if not tarfile.is_tarfile(archive):
+                raise SystemExit(f"--classes and --per-class cut a subset of a .tar or .tar.gz archive, not {archive}")
+            archive = subset(archive, Path(tmp) / "subset.tar", args.classes or 10**6, args.per_class or 10**9)
         tuned = prepared_params(
-            args.archive.resolve(),
+            archive,
             Path(tmp),
             args.image_size,
             args.preset,
@@ -127,16 +186,17 @@ def main() -> None:
         counts = {s: sum(meta["counts"][s].values()) for s in ("train", "val", "test")}
         cfg = tuned.train
         log(
-            f"{args.archive.name} at {args.image_size} px: {counts['train']} training, {counts['val']} validation, "
-            f"{counts['test']} test images; {cfg.model}, preset {args.preset} ({cfg.epochs} epochs, "
-            f"{cfg.freeze_epochs} frozen, {cfg.optimizer} lr {cfg.lr:g}, backbone x{cfg.backbone_lr_scale:g}); "
-            f"{available_cpus()} CPU threads; torch {torch.__version__}\n"
+            f"{archive.name} at {args.image_size} px: {len(meta['classes'])} classes, {counts['train']} training, "
+            f"{counts['val']} validation, {counts['test']} test images; {cfg.model}, preset {args.preset} "
+            f"({cfg.epochs} epochs, {cfg.freeze_epochs} frozen, {cfg.optimizer} lr {cfg.lr:g}, backbone "
+            f"x{cfg.backbone_lr_scale:g}); {available_cpus()} CPU threads; torch {torch.__version__}\n"
         )
         seeds = range(args.seeds)
-        arms = {
-            f"fine-tuned from {args.weights.name}": [run(tuned, s, "fine-tuned") for s in seeds],
-            "from scratch (random weights)": [run(scratch, s, "from scratch") for s in seeds],
-        }
+        arms = {f"fine-tuned from {args.weights.name}": [run(tuned, s, "fine-tuned") for s in seeds]}
+        if not args.no_plain:
+            baseline = plain(tuned, args.image_size, args.epochs)
+            arms["plain fine-tuning (6 epochs, flips and shifts)"] = [run(baseline, s, "plain") for s in seeds]
+        arms["from scratch (random weights)"] = [run(scratch, s, "from scratch") for s in seeds]
     log(f"\ntest accuracy on {counts['test']} images, {len(seeds)} seeds")
     log(f"  {'':<50} {'mean':>7} {'std':>7} {'min':>7} {'max':>7} {'s/run':>7}")
     for name, results in arms.items():

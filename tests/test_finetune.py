@@ -59,9 +59,47 @@ def test_readme_finetune_bench_prints_its_table():
     proc = run(f"{command} --seeds 1 --epochs 2 --archive {MINI} --weights {WEIGHTS}", REPO, timeout=1800)
     lines = proc.stdout.splitlines()
     (tuned,) = [line for line in lines if line.startswith(f"  fine-tuned from {WEIGHTS.name}")]
+    (plain,) = [line for line in lines if line.startswith("  plain fine-tuning (6 epochs, flips and shifts)")]
     (scratch,) = [line for line in lines if line.startswith("  from scratch (random weights)")]
-    mean = {name: float(row.split()[-5].rstrip("%")) / 100 for name, row in (("tuned", tuned), ("scratch", scratch))}
+    rows = {"tuned": tuned, "plain": plain, "scratch": scratch}
+    mean = {name: float(row.split()[-5].rstrip("%")) / 100 for name, row in rows.items()}
     assert mean["tuned"] > 0.35 and mean["tuned"] > mean["scratch"] + 0.1
+    assert mean["plain"] > mean["scratch"]  # the same weights, fine-tuned plainly: still above random weights
+
+
+def test_readme_photo_sized_finetune_bench_runs_on_a_class_subset():
+    """The README's second fine-tuning bench (5 classes of the PNG copy at 128 px), with 12 training images
+    a class and 1 epoch: the subset is cut, prepared and trained in all three arms."""
+    png = DATASETS / "cifar10-png.tar.gz"
+    if not (png.is_file() and WEIGHTS.is_file()):
+        pytest.skip(f"{png} or {WEIGHTS} is absent (set IMGCLF_DATASETS and IMGCLF_WEIGHTS)")
+    command = readme_command("python bench/finetune.py --archive").replace(
+        "../shared/datasets/cifar10-png.tar.gz", str(png)
+    )
+    proc = run(f"{command} --per-class 12 --epochs 1 --seeds 1 --weights {WEIGHTS}", REPO, timeout=1800)
+    assert "subset.tar at 128 px: 5 classes, " in proc.stdout
+    assert "5000 test images" in proc.stdout  # every held-out image of the 5 classes
+    for arm in (f"fine-tuned from {WEIGHTS.name}", "plain fine-tuning", "from scratch"):
+        (row,) = [line for line in proc.stdout.splitlines() if line.startswith(f"  {arm}")]
+        assert 0 < float(row.split()[-5].rstrip("%")) <= 100
+
+
+def test_finetune_bench_cuts_a_class_subset_out_of_the_archive(tmp_path, monkeypatch):
+    """--classes/--per-class: the first classes, the first training images of each, all their test images."""
+    if not MINI.is_file():
+        pytest.skip(f"{MINI} is absent (set IMGCLF_DATASETS to its folder)")
+    import tarfile
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from finetune import subset
+
+    out = subset(MINI, tmp_path / "subset.tar", classes=3, per_class=7)
+    with tarfile.open(out) as tar:
+        names = [Path(m.name).parts[-3:] for m in tar.getmembers()]
+    assert sorted({c for _, c, _ in names}) == ["airplane", "automobile", "bird"]
+    for name in ("airplane", "automobile", "bird"):
+        assert sum(1 for s, c, _ in names if (s, c) == ("train", name)) == 7
+        assert sum(1 for s, c, _ in names if (s, c) == ("test", name)) == 20
 
 
 def test_readme_augment_bench_prints_its_table():
