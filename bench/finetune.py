@@ -123,7 +123,8 @@ def run(params: Params, seed: int, label: str) -> tuple[float, float]:
 
 def plain(params: Params, image_size: int, epochs: int | None) -> Params:
     """params' fine-tuning with the options the project had before presets/finetune.yaml: 6 epochs (or
-    `epochs`), AdamW, one frozen epoch, flips and shifts, one learning rate for the whole net."""
+    `epochs`), AdamW, one frozen epoch, flips and shifts, one learning rate for the whole net; the rest
+    (test-time flips among it) as params'."""
     return dataclasses.replace(
         params,
         train=dataclasses.replace(
