@@ -151,8 +151,11 @@ def test_a_key_given_in_params_wins_over_the_preset_and_is_reported(tmp_path):
 def test_a_preset_builds_on_its_base(tmp_path):
     params = load_params(edited_params(tmp_path, lambda p: p["train"].update(preset="accurate-cifar")))
     fast = load_params(edited_params(tmp_path / "fast", lambda p: p["train"].update(preset="fast-cifar")))
-    assert params.train.epochs == 24 and fast.train.epochs == 8
-    assert dataclasses.replace(params.train, epochs=8, preset="fast-cifar") == fast.train
+    assert (params.train.model, params.train.epochs) == ("fastnet-l", 12) and fast.train.epochs == 8
+    # Only the keys accurate-cifar names differ from its base; every other key comes from fast-cifar.
+    same = dict(epochs=8, preset="fast-cifar", model="fastnet", lr=fast.train.lr, weight_decay=fast.train.weight_decay)
+    assert params.train.lr < fast.train.lr
+    assert dataclasses.replace(params.train, **same) == fast.train
     assert len(params.provenance.presets) == 3
 
 

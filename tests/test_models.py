@@ -299,3 +299,14 @@ def test_an_unknown_weights_name_lists_the_models_weights():
         r"torchvision:mobilenet_v3_small \(it has: DEFAULT, IMAGENET1K_V1\)",
     ):
         build(card_for("torchvision:mobilenet_v3_small"), pretrained="IMAGENET9K")
+
+
+@pytest.mark.parametrize(
+    "name, widths", [("fastnet-s", [32, 128, 128]), ("fastnet", [64, 256, 256]), ("fastnet-l", [96, 384, 384])]
+)
+def test_fastnet_widths(name, widths):
+    """Each conv group's two convolutions have the width its name promises, and the head reads the last."""
+    net = build(card_for(name)).net
+    convs = [m.out_channels for m in net.layers.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs == [w for w in widths for _ in range(2)]
+    assert net.head.in_features == widths[-1]

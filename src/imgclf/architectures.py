@@ -16,6 +16,7 @@ ARCHITECTURES = {
     "lenet-bn": "LeNetBN",
     "fastnet": "FastNet",
     "fastnet-s": "fastnet_s",
+    "fastnet-l": "fastnet_l",
     "resnet18": "cifar_resnet18",
 }
 # Any torchvision classifier, by the name torchvision.models.get_model takes.

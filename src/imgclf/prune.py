@@ -110,7 +110,7 @@ def prune(model: Classifier, card: ModelCard, amount: float) -> Classifier:
     else:
         raise PruneError(
             f"model {card.model!r} ({type(pruned.net).__name__}): channel pruning knows lenet, lenet-bn, "
-            "fastnet and fastnet-s (set compress.method to none or int8)"
+            "fastnet, fastnet-s and fastnet-l (set compress.method to none or int8)"
         )
     return pruned
 
