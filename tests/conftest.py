@@ -114,10 +114,15 @@ def export_project(dest: Path) -> None:
         shutil.copy2(REPO / name, target)
 
 
+def default_bytes(name: str) -> bytes:
+    """A tracked file's bytes as git's index holds it (the working tree's outside a checkout)."""
+    shown = _git("show", f":{name}")
+    return shown.stdout if shown.returncode == 0 else (REPO / name).read_bytes()
+
+
 def default_text(name: str) -> str:
     """A tracked file's text as git's index holds it (the working tree's outside a checkout)."""
-    shown = _git("show", f":{name}")
-    return shown.stdout.decode() if shown.returncode == 0 else (REPO / name).read_text()
+    return default_bytes(name).decode()
 
 
 def default_params() -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import importlib.util
 import re
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, default_params, default_text
+from conftest import REPO, default_bytes, default_params, default_text
 
 # As committed: `dvc exp run` leaves its params in the workspace, and these test the shipped defaults.
 DVC = yaml.safe_load(default_text("dvc.yaml"))
@@ -115,3 +116,20 @@ def test_params_yaml_lists_every_train_key_and_leaves_recipe_keys_to_the_preset(
     train = PARAMS["train"]
     assert list(train) == [f.name for f in dataclasses.fields(TrainConfig)]
     assert [k for k, v in train.items() if v is None and k not in RUN_KEYS] == [k for k in train if k not in RUN_KEYS]
+
+
+def test_the_committed_lock_records_the_committed_code():
+    """dvc.lock's hash of each file a stage depends on is that file's: a change to the code without a
+    `dvc repro` would make a fresh clone's `dvc repro` redo every stage from the download, and leave
+    dvc.lock changed after it. The code's files only: the data and models are the user's last run's.
+    (DVC 3's md5 of a file is the md5 of its bytes.)"""
+    lock = yaml.safe_load(default_text("dvc.lock"))["stages"]
+    stale = [
+        f"{stage}: {dep['path']}"
+        for stage, entry in lock.items()
+        for dep in entry.get("deps", [])
+        if dep["path"].startswith("src/")
+        and not dep["md5"].endswith(".dir")
+        and hashlib.md5(default_bytes(dep["path"])).hexdigest() != dep["md5"]
+    ]
+    assert not stale, f"dvc.lock is older than these files; run `dvc repro` and commit dvc.lock: {stale}"
