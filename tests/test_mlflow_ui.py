@@ -129,8 +129,8 @@ def test_the_mlflow_ui_shows_both_runs_their_accuracy_and_the_explanations(two_r
     # A run's artifacts: the error analysis and the Grad-CAM pictures, in their folders.
     run_id = runs["longer"].info.run_id
     browser.get(f"{ui}/#/experiments/{experiment_id}/runs/{run_id}/artifacts")
-    for folder in ("evaluation", "gradcam"):
-        browser.find_element(By.XPATH, f"//*[text()='{folder}']").click()
+    open_folder(browser, "evaluation", "confusion.png")
+    open_folder(browser, "gradcam", "gradcam_correct.png")
     for name in ("confusion.png", "confusion_normalized.png", "per_class.png", "gradcam_correct.png"):
         browser.find_element(By.XPATH, f"//*[text()='{name}']")
     browser.find_element(By.XPATH, "//*[text()='gradcam_wrong.png']").click()
@@ -143,6 +143,29 @@ def test_the_mlflow_ui_shows_both_runs_their_accuracy_and_the_explanations(two_r
         "4-compare-metrics.png",
         "5-artifacts-gradcam.png",
     ]
+
+
+def open_folder(browser, folder: str, first: str, tries: int = 3) -> None:
+    """Expand a folder of the artifact tree, one at a time, until its file `first` shows. A click that
+    lands while the tree redraws (another folder's listing arriving) is lost, so it is clicked again
+    while the file has not shown within 10 s; a slow listing that then shows ends the wait."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    node = "//*[@data-testid='artifact-tree-node'][@artifact-name='{}']"
+    browser.implicitly_wait(0)  # the wait below polls; the implicit one would hold each poll 30 s
+    try:
+        for _ in range(tries):
+            WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.XPATH, node.format(folder)))[0].click()
+            try:
+                WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.XPATH, node.format(first)))
+                return
+            except TimeoutException:
+                continue
+        raise AssertionError(f"the artifact folder {folder!r} did not show {first!r} after {tries} clicks")
+    finally:
+        browser.implicitly_wait(30)
 
 
 def test_dvc_exp_show_compares_the_two_runs(two_runs):
