@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from conftest import card_for
 from imgclf.architectures import list_models
@@ -20,6 +21,7 @@ from imgclf.models import (
     constructor,
     load_checkpoint_dir,
     make_deterministic,
+    pool_wide,
     predict_proba,
     save_checkpoint,
 )
@@ -81,6 +83,33 @@ def test_lenet_is_the_tutorial_function():
     for ga, gb in zip(
         torch.autograd.grad(a.square().sum(), list(ours.parameters())),
         torch.autograd.grad(b.square().sum(), list(tutorial.parameters())),
+    ):
+        torch.testing.assert_close(ga, gb, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["lenet", "lenet-bn"])
+def test_lenet_pools_bf16_maps_in_fp32_to_the_same_values(name):
+    """In bf16 autocast on a CPU, LeNet pools its first maps in fp32 (faster there) and hands the result
+    on in bf16: the logits and gradients are those of pooling them in bf16, to the bit."""
+    torch.manual_seed(0)
+    ours = constructor(name)(3, 32, 10)
+    x = torch.randn(16, 3, 32, 32)
+
+    def bf16_pools(model, x):  # the forward pass with every map pooled in the dtype autocast gave it
+        x = model.pool(model.conv1(x))
+        x = F.relu(model.bn1(x) if name == "lenet-bn" else x)
+        x = model.pool(model.conv2(x))
+        return model.classify(F.relu(model.bn2(x) if name == "lenet-bn" else x))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = ours(x), bf16_pools(ours, x)
+        seen = []  # the dtype the pool is given, and the one handed on
+        pooled = pool_wide(lambda maps: seen.append(maps.dtype) or ours.pool(maps), ours.conv1(x))
+        assert seen == [torch.float32] and pooled.dtype == torch.bfloat16
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for ga, gb in zip(
+        torch.autograd.grad(a.float().square().sum(), list(ours.parameters())),
+        torch.autograd.grad(b.float().square().sum(), list(ours.parameters())),
     ):
         torch.testing.assert_close(ga, gb, rtol=0, atol=0)
 

@@ -124,6 +124,8 @@ def test_training_bench_prints_its_tables(tmp_path):
         "lenet, batch 1024",
     ):
         assert line in proc.stdout, line
+    if "bf16 (this CPU has bf16 units)" in proc.stdout:  # then what the same cores give in fp32, beside it
+        assert "ours, batch 256, fp32" in proc.stdout and "ours, batch 1024, fp32" in proc.stdout
 
 
 def test_readme_gpu_bench_command_runs_on_the_cpu(tmp_path):
