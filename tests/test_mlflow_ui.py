@@ -25,6 +25,7 @@ pytestmark = pytest.mark.integration
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 CHROMEDRIVER = shutil.which("chromedriver")
 RUNS = {"short": 3, "longer": 6}  # DVC experiment (and so MLflow run) name -> train.epochs
+WAIT = 30  # seconds selenium waits for an element to show: the UI renders after its API calls answer
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def browser():
         options.add_argument(argument)
     # The installed driver, named: selenium would otherwise look for (and try to download) one of its own.
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.implicitly_wait(30)  # the UI renders after its API calls answer
+    driver.implicitly_wait(WAIT)
     try:
         yield driver
     finally:
@@ -154,10 +155,10 @@ def open_folder(browser, folder: str, first: str, tries: int = 3) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
     node = "//*[@data-testid='artifact-tree-node'][@artifact-name='{}']"
-    browser.implicitly_wait(0)  # the wait below polls; the implicit one would hold each poll 30 s
+    browser.implicitly_wait(0)  # the waits below poll; the implicit one would hold each empty poll WAIT s
     try:
         for _ in range(tries):
-            WebDriverWait(browser, 30).until(lambda b: b.find_elements(By.XPATH, node.format(folder)))[0].click()
+            WebDriverWait(browser, WAIT).until(lambda b: b.find_elements(By.XPATH, node.format(folder)))[0].click()
             try:
                 WebDriverWait(browser, 10).until(lambda b: b.find_elements(By.XPATH, node.format(first)))
                 return
@@ -165,7 +166,7 @@ def open_folder(browser, folder: str, first: str, tries: int = 3) -> None:
                 continue
         raise AssertionError(f"the artifact folder {folder!r} did not show {first!r} after {tries} clicks")
     finally:
-        browser.implicitly_wait(30)
+        browser.implicitly_wait(WAIT)
 
 
 def test_dvc_exp_show_compares_the_two_runs(two_runs):
