@@ -99,3 +99,27 @@ def test_a_lost_request_logs_each_epoch_exactly_once(relay, lose, monkeypatch, c
     for key, values in {"val/accuracy": [0.5, 0.6], "train/loss": [1.0, 0.8]}.items():
         history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
         assert history == [(1, values[0]), (2, values[1])], key
+
+
+def test_a_resumed_run_logs_an_epoch_without_validation_once(relay, monkeypatch):
+    """With train.val_every an epoch may log no validation metrics: a resumed run, re-adding the
+    checkpoint's history, must still find that epoch in the store and leave it alone."""
+    from imgclf.tracking import EpochLogger
+
+    uri = f"http://127.0.0.1:{relay.server_address[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("resumed-without-validation")).info.run_id
+    relay.lose = None
+    history = [{"train_loss": 1.0}, {"train_loss": 0.8, "val_accuracy": 0.6}]  # epoch 1 not validated
+    first = EpochLogger(run_id)
+    first.add(1, history[0])
+    first.flush(final=True)
+
+    resumed = EpochLogger(run_id)  # as train_and_log does on resuming: the history, then the next epoch
+    resumed.add(1, history[0])
+    resumed.add(2, history[1])
+    resumed.flush(final=True)
+
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [(1, 1.0), (2, 0.8)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val/accuracy")] == [(2, 0.6)]

@@ -4,7 +4,9 @@ precision `auto` picks for the hardware."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,8 @@ from conftest import card_for, default_config
 from imgclf import checkpoint, devices
 from imgclf.devices import autocast_dtype, cpu_has_bf16
 from imgclf.models import build
-from imgclf.train import Arrays, Training
+from imgclf.progress import epoch_line
+from imgclf.train import Arrays, Training, history_csv
 
 
 def random_split(n: int, seed: int) -> Arrays:
@@ -28,6 +31,21 @@ def make_training(n: int, **train) -> Training:
     torch.manual_seed(0)
     model = build(card_for("fastnet-s"))
     return Training(model, random_split(n, 0), random_split(16, 1), cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("val_every, scored", [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5]), (0, [5])])
+def test_validation_is_scored_after_the_epochs_val_every_names_and_the_last(val_every, scored):
+    run = make_training(64, batch_size=32, epochs=5, val_every=val_every)
+    rows = [{"epoch": epoch, **run.run_epoch()} for epoch in range(1, 6)]
+    assert [row["epoch"] for row in rows if "val_accuracy" in row] == scored
+    assert all(("val_loss" in row) == ("val_accuracy" in row) for row in rows)
+    assert all("train_loss" in row and "lr" in row for row in rows)
+    table = list(csv.DictReader(io.StringIO(history_csv(rows).decode())))
+    assert [row["epoch"] for row in table if row["val_accuracy"]] == [str(e) for e in scored]  # the rest empty
+    assert all(row["train_loss"] for row in table)
+    line = epoch_line(1, 5, rows[0], 100.0, 1.0, 4, 1.0)
+    expected = "(train / val)" if 1 in scored else "(train), accuracy"
+    assert expected in line and ("val" in line) == (1 in scored)
 
 
 def test_whitening_bias_learns_only_for_its_epochs():

@@ -154,6 +154,9 @@ class TrainConfig:
     ema_decay: float = _bounded(ge=0, lt=1)  # per optimizer step; 0 = off
     lookahead: bool  # with an EMA: ramp its decay up over training and reset the weights to it
     epochs: int = _bounded(ge=1)
+    # Score the validation split after every val_every-th epoch and after the last; 0 = after the last
+    # only (a recipe racing the clock: scoring with test-time augmentation costs a forward pass per view).
+    val_every: int = _bounded(ge=0)
     batch_size: int = _bounded(ge=1)
     # Images per forward/backward pass, gradients accumulated up to batch_size; 0 = the whole batch.
     # Saves memory and, on CPUs, time (smaller activations stay in cache); BatchNorm sees micro-batches.

@@ -77,10 +77,16 @@ def epoch_line(
     remaining_epochs: int,
     epoch_s: float,
 ) -> str:
-    """`train: epoch 3/20, loss 0.412 / 0.388 (train / val), accuracy 0.871 / 0.902, 9,412 img/s, 12 s, ETA 1 min 08 s`."""
+    """`train: epoch 3/20, loss 0.412 / 0.388 (train / val), accuracy 0.871 / 0.902, 9,412 img/s, 12 s, ETA 1 min 08 s`;
+    after an epoch whose validation was skipped (train.val_every), `... loss 0.412 (train), accuracy 0.871 (train), ...`."""
+    if "val_loss" in metrics:
+        losses = f"loss {metrics['train_loss']:.4f} / {metrics['val_loss']:.4f} (train / val)"
+        accuracies = f"accuracy {metrics['train_accuracy']:.4f} / {metrics['val_accuracy']:.4f}"
+    else:
+        losses = f"loss {metrics['train_loss']:.4f} (train)"
+        accuracies = f"accuracy {metrics['train_accuracy']:.4f} (train)"
     return (
-        f"train: epoch {epoch}/{epochs}, loss {metrics['train_loss']:.4f} / {metrics['val_loss']:.4f} "
-        f"(train / val), accuracy {metrics['train_accuracy']:.4f} / {metrics['val_accuracy']:.4f}, "
+        f"train: epoch {epoch}/{epochs}, {losses}, {accuracies}, "
         f"{images_per_s:,.0f} img/s, {duration(elapsed)}, ETA {duration(remaining_epochs * epoch_s)}"
         + (f", epsilon {metrics['dp_epsilon']:.3f}" if "dp_epsilon" in metrics else "")  # DP-SGD's, spent so far
     )

@@ -309,7 +309,8 @@ class EpochLogger:
     the epoch ends, and re-sent identical (MLflow's SQL store keeps one row per key, timestamp, step
     and value), and after a failure the steps the store holds are read again before re-sending."""
 
-    def __init__(self, run_id: str, key: str = EPOCH_METRICS["val_accuracy"]) -> None:
+    # Every epoch logs the training loss (the validation metrics only on the epochs train.val_every names).
+    def __init__(self, run_id: str, key: str = EPOCH_METRICS["train_loss"]) -> None:
 
         self.client = mlflow.MlflowClient()
         self.run_id = run_id

@@ -285,8 +285,14 @@ class Training:
         if self.ema is not None:
             self.ema.update(self.model, self.scheduler.last_epoch)
 
+    def validates(self, epoch: int) -> bool:
+        """Whether the validation split is scored after `epoch` (train.val_every; always after the last)."""
+        every = self.cfg.val_every
+        return epoch >= self.cfg.epochs or (every > 0 and epoch % every == 0)
+
     def run_epoch(self, on_step: Callable[[], None] = lambda: None) -> dict[str, float]:
-        """Train one epoch, then score the validation split; returns the epoch's metrics."""
+        """Train one epoch, then score the validation split (on the epochs train.val_every names);
+        returns the epoch's metrics, val_loss and val_accuracy only when it was scored."""
         self.begin_epoch()
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
@@ -311,14 +317,11 @@ class Training:
             on_step()
         if self.ema is not None:
             self.ema.end_epoch(self.model)
-        val_loss, val_accuracy = score(self.final_model, self.x_val, self.y_val, self.memory_format)
-        metrics = {
-            "train_loss": loss_sum.item() / max(seen, 1),
-            "train_accuracy": correct.item() / max(seen, 1),
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-            "lr": self.scheduler.get_last_lr()[0],
-        }
+        metrics = {"train_loss": loss_sum.item() / max(seen, 1), "train_accuracy": correct.item() / max(seen, 1)}
+        if self.validates(self.epoch):
+            val_loss, val_accuracy = score(self.final_model, self.x_val, self.y_val, self.memory_format)
+            metrics |= {"val_loss": val_loss, "val_accuracy": val_accuracy}
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
         if self.privacy is not None:  # every step so far noised and accounted for, or no model at all
             self.privacy.check_steps(self.epoch * self.steps_per_epoch)
             metrics["dp_epsilon"] = self.privacy.epsilon()
@@ -433,8 +436,10 @@ def fit(
 
 
 def history_csv(history: list[dict]) -> bytes:
+    """One row per epoch; an epoch without a metric (validation skipped, train.val_every) leaves it empty."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]), lineterminator="\n")
+    fields = list(dict.fromkeys(key for row in history for key in row))  # every row's, in order of appearance
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     writer.writeheader()
     for row in history:
         writer.writerow({k: round(v, 6) if isinstance(v, float) else v for k, v in row.items()})
@@ -565,7 +570,9 @@ def train_and_log(
             # The timings go to MLflow only: the history file is a DVC output, the same for the same inputs.
             logger.add(training.epoch, {**metrics, "images_per_s": images_per_s, "epoch_s": epoch_s})
             if bar is not None:
-                shown = {"loss": f"{metrics['train_loss']:.3f}", "val_acc": f"{metrics['val_accuracy']:.3f}"}
+                shown = {"loss": f"{metrics['train_loss']:.3f}"}
+                if "val_accuracy" in metrics:  # a scored epoch (train.val_every)
+                    shown["val_acc"] = f"{metrics['val_accuracy']:.3f}"
                 if "dp_epsilon" in metrics:
                     shown["epsilon"] = f"{metrics['dp_epsilon']:.2f}"
                 bar.set_postfix(shown)
