@@ -278,9 +278,10 @@ def fast_preset(
     run = with_train(params, **{**values, "seed": seed})
 
     def on_epoch(training: Training, metrics: dict) -> None:
+        scored = f", val accuracy {metrics['val_accuracy']:.4f}" if "val_accuracy" in metrics else ""  # val_every
         log(
             f"    seed {seed} epoch {training.epoch}: {time.perf_counter() - start:.1f} s, "
-            f"train loss {metrics['train_loss']:.3f}, val accuracy {metrics['val_accuracy']:.4f}"
+            f"train loss {metrics['train_loss']:.3f}{scored}"
         )
 
     result = fit(run, card(run), train, val, device, on_epoch=on_epoch)

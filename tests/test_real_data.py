@@ -128,6 +128,21 @@ def test_training_bench_prints_its_tables(tmp_path):
         assert "ours, batch 256, fp32" in proc.stdout and "ours, batch 1024, fp32" in proc.stdout
 
 
+def test_training_bench_trains_a_preset_scoring_validation_only_where_val_every_says(tmp_path):
+    """bench/training.py's `fast` part, fast-cifar for 2 epochs on the 1,200-image slice with
+    `--set val_every=0`: the first epoch's line has no validation accuracy, the last one has, and the
+    test accuracy is printed."""
+    if not MINI.is_file():
+        pytest.skip(f"{MINI} is absent (set IMGCLF_DATASETS to the folder holding cifar10-jpg-mini.tar.gz)")
+    bench = [str(REPO / "bench" / "training.py"), "--archive", str(MINI), "--parts", "fast", "--seeds", "1"]
+    proc = run(["python", *bench, "--set", "epochs=2", "--set", "val_every=0", "--set", "micro_batch=0"], tmp_path)
+    lines = proc.stdout.splitlines()
+    first = next(line for line in lines if "seed 0 epoch 1:" in line)
+    last = next(line for line in lines if "seed 0 epoch 2:" in line)
+    assert "val accuracy" not in first and "val accuracy" in last
+    assert "seed 0: test accuracy" in proc.stdout
+
+
 def test_readme_gpu_bench_command_runs_on_the_cpu(tmp_path):
     """The README's bench/gpu.py line on the 1,200-image slice with `--device cpu`, its ladder cut to one
     2-epoch rung and runs to 1 epoch (its compiled variant included): the tables print, the target is

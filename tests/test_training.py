@@ -48,6 +48,17 @@ def test_validation_is_scored_after_the_epochs_val_every_names_and_the_last(val_
     assert expected in line and ("val" in line) == (1 in scored)
 
 
+def test_skipping_validation_trains_the_same_weights():
+    """Scoring the validation split reads the model only (eval mode, no random draws): val_every 0
+    ends with the weights of val_every 1, to the bit, only faster."""
+    runs = [make_training(64, batch_size=32, epochs=3, val_every=every, flip=True, translate=2) for every in (1, 0)]
+    for run in runs:
+        for _ in range(3):
+            run.run_epoch()
+    for a, b in zip(runs[0].model.state_dict().values(), runs[1].model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
 def test_whitening_bias_learns_only_for_its_epochs():
     run = make_training(64, batch_size=32, epochs=3, whiten_bias_epochs=1, flip=True, alternate_flip=True, translate=2)
     model = run.model
